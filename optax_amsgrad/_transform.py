@@ -1,0 +1,319 @@
+"""AMSGrad as an Optax gradient transformation: the state and the update."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_amsgrad import _rounding, _validation
+
+Convention = Literal["pytorch", "keras", "optax", "paper"]
+StateRounding = Literal["stochastic", "nearest"]
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike]
+
+
+class ScaleByAmsgradState(NamedTuple):
+  """State of :func:`scale_by_amsgrad`.
+
+  Attributes:
+    count: number of steps taken, int32, saturating at ``2**31 - 1``.
+    mu: first moment ``m``, a tree shaped like the params.
+    nu: second moment ``v`` (raw exponential average of ``|g|**2``).
+    nu_max: running elementwise maximum ``v_max``. It holds raw ``v`` for the
+      ``"pytorch"``, ``"keras"`` and ``"paper"`` conventions and the
+      bias-corrected ``v / (1 - b2**t)`` for ``"optax"``.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  nu_max: optax.Updates
+
+
+class _Coefficients(NamedTuple):
+  """Per-step scalars; the update is ``m * numerator / (sqrt(nu_max *
+  denominator + eps_root) + eps)`` and ``nu_max`` takes ``max(nu_max, v *
+  nu_max_scale)``. Every convention is one choice of these three."""
+
+  b1: jax.Array
+  b2: jax.Array
+  eps: jax.Array
+  eps_root: jax.Array
+  numerator: jax.Array
+  denominator: jax.Array
+  nu_max_scale: jax.Array
+
+
+def _coefficients(
+    convention: str,
+    dtype: jnp.dtype,
+    count: jax.Array,
+    b1: jax.typing.ArrayLike,
+    b2: jax.typing.ArrayLike,
+    eps: jax.typing.ArrayLike,
+    eps_root: jax.typing.ArrayLike,
+) -> _Coefficients:
+  t = count.astype(dtype)
+  b1 = jnp.asarray(b1, dtype)
+  b2 = jnp.asarray(b2, dtype)
+  one = jnp.ones([], dtype)
+  bias_correction1 = 1 - b1**t
+  bias_correction2 = 1 - b2**t
+  numerator, denominator, nu_max_scale = one, one, one
+  if convention == "pytorch":
+    numerator = 1 / bias_correction1
+    denominator = 1 / bias_correction2
+  elif convention == "keras":
+    numerator = jnp.sqrt(bias_correction2) / bias_correction1
+  elif convention == "optax":
+    numerator = 1 / bias_correction1
+    nu_max_scale = 1 / bias_correction2
+  return _Coefficients(
+      b1=b1,
+      b2=b2,
+      eps=jnp.asarray(eps, dtype),
+      eps_root=jnp.asarray(eps_root, dtype),
+      numerator=numerator,
+      denominator=denominator,
+      nu_max_scale=nu_max_scale,
+  )
+
+
+def _moments_and_update(
+    g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array, c: _Coefficients
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One AMSGrad step on one leaf, in the compute dtype. Complex ``g`` and
+  ``m`` use ``|g|**2`` for the second moment, as Optax does."""
+  m = c.b1 * m + (1 - c.b1) * g
+  v = c.b2 * v + (1 - c.b2) * (g.real * g.real + g.imag * g.imag
+                               if jnp.iscomplexobj(g) else g * g)
+  v_max = jnp.maximum(v_max, v * c.nu_max_scale)
+  update = m * c.numerator / (jnp.sqrt(v_max * c.denominator + c.eps_root) + c.eps)
+  return update, m, v, v_max
+
+
+def _real_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  return jnp.finfo(dtype).dtype
+
+
+def _compute_dtypes(param_dtype: jnp.dtype) -> tuple[jnp.dtype, jnp.dtype]:
+  """(dtype of m and the update, real dtype of v): at least float32."""
+  real = jnp.promote_types(_real_dtype(param_dtype), jnp.float32)
+  if jnp.issubdtype(param_dtype, jnp.complexfloating):
+    return jnp.promote_types(real, jnp.complex64), real
+  return real, real
+
+
+def _zeros_like(param: Any, dtype: jnp.dtype) -> jax.Array:
+  # Concrete arrays and ShapeDtypeStructs carry a sharding the state keeps;
+  # under jit the sharding of zeros_like propagates from the param.
+  sharding = None
+  if not isinstance(param, jax.core.Tracer):
+    sharding = getattr(param, "sharding", None)
+  return jnp.zeros(jnp.shape(param), dtype, device=sharding)
+
+
+def scale_by_amsgrad(
+    b1: ScalarOrSchedule = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    *,
+    convention: Convention = "pytorch",
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    nu_dtype: jax.typing.DTypeLike | None = None,
+    state_rounding: StateRounding = "stochastic",
+    seed: int = 0,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by the AMSGrad rule of Reddi, Kale and Kumar (2018).
+
+  AMSGrad keeps Adam's moments ``m`` and ``v`` and also their running maximum
+  ``v_max``, and normalises by that maximum. A rare large gradient therefore
+  keeps the step small for good, where Adam's average forgets it and can drift
+  to the worst point of a convex problem.
+
+  With ``t`` the step (1 on the first call), ``bc1 = 1 - b1**t`` and
+  ``bc2 = 1 - b2**t``, ``m = b1 m + (1 - b1) g`` and
+  ``v = b2 v + (1 - b2) |g|^2``, the update ``u`` (apply ``-learning_rate * u``)
+  is, by ``convention``:
+
+  =============  ====================  ======================================
+  convention     ``nu_max`` holds      update ``u``
+  =============  ====================  ======================================
+  ``"pytorch"``  ``max(nu_max, v)``    ``(m/bc1) / (sqrt(nu_max/bc2) + eps)``
+  ``"keras"``    ``max(nu_max, v)``    ``(m/bc1) sqrt(bc2) / (sqrt(nu_max) + eps)``
+  ``"optax"``    ``max(nu_max, v/bc2)``  ``(m/bc1) / (sqrt(nu_max) + eps)``
+  ``"paper"``    ``max(nu_max, v)``    ``m / (sqrt(nu_max) + eps)``
+  =============  ====================  ======================================
+
+  ``eps_root`` is added under the square root in every convention. The
+  ``"pytorch"`` convention treats the real and imaginary parts of complex
+  parameters as separate coordinates, as PyTorch does; the others use
+  ``|g|^2``, as Optax does.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_amsgrad
+    >>> solver = optax.chain(optax_amsgrad.scale_by_amsgrad(), optax.scale(-0.1))
+    >>> params = jnp.array([1.0, -2.0, 3.0])
+    >>> state = solver.init(params)
+    >>> grads = 2 * params
+    >>> updates, state = solver.update(grads, state)
+    >>> optax.apply_updates(params, updates)
+    Array([ 0.9, -1.9,  2.9], dtype=float32)
+
+  Args:
+    b1: decay of the first moment, in [0, 1). With ``convention="paper"`` it
+      may be a schedule ``count -> b1_t`` (the paper's :math:`\beta_{1t}`),
+      called with the number of steps already taken.
+    b2: decay of the second moment, in [0, 1).
+    eps: added to the denominator outside the square root; >= 0.
+    eps_root: added inside the square root; make it > 0 to differentiate
+      through the update (meta-learning), since ``sqrt`` has an infinite
+      derivative at 0.
+    convention: whose formula to follow: ``"pytorch"`` (the default),
+      ``"keras"``, ``"optax"`` or ``"paper"``; see the table above.
+    mu_dtype: storage dtype of ``mu``; defaults to the params' dtype.
+    nu_dtype: storage dtype of ``nu`` and ``nu_max``; defaults to the params'
+      real dtype. Arithmetic is done in at least float32 whatever the storage.
+    state_rounding: how moments are stored when the storage dtype has fewer
+      mantissa bits than the arithmetic (for example bfloat16):
+      ``"stochastic"`` keeps the averages unbiased; ``"nearest"`` is a plain
+      cast. ``nu_max`` is always rounded to nearest so that it stays a true,
+      non-decreasing maximum.
+    seed: seed of the stochastic rounding; the random bits are derived from it
+      and the step count, so the state carries no key.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state is a
+    :class:`ScaleByAmsgradState`.
+
+  References:
+    Reddi, Kale and Kumar, `On the Convergence of Adam and Beyond
+    <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
+  """
+  _validation.check_convention(convention)
+  _validation.check_b1(b1, convention)
+  _validation.check_unit_interval("b2", b2)
+  _validation.check_non_negative("eps", eps)
+  _validation.check_non_negative("eps_root", eps_root)
+  _validation.check_storage_dtype("mu_dtype", mu_dtype)
+  _validation.check_storage_dtype("nu_dtype", nu_dtype)
+  if state_rounding not in ("stochastic", "nearest"):
+    raise ValueError(
+        "state_rounding must be 'stochastic' or 'nearest'; got "
+        f"{state_rounding!r}."
+    )
+  # Complex params under "pytorch" keep one second moment per real coordinate,
+  # stored as the real and imaginary parts of a complex nu, as PyTorch does.
+  split_complex = convention == "pytorch"
+
+  def mu_storage(param_dtype: jnp.dtype) -> jnp.dtype:
+    return jnp.dtype(mu_dtype) if mu_dtype is not None else param_dtype
+
+  def nu_storage(param_dtype: jnp.dtype) -> jnp.dtype:
+    dtype = jnp.dtype(nu_dtype) if nu_dtype is not None else param_dtype
+    if split_complex and jnp.issubdtype(param_dtype, jnp.complexfloating):
+      return jnp.promote_types(dtype, jnp.complex64)
+    return _real_dtype(dtype)
+
+  def init_fn(params: optax.Params) -> ScaleByAmsgradState:
+    _validation.check_params_dtypes(params, what="params")
+
+    def zeros(storage: Callable[[jnp.dtype], jnp.dtype]) -> optax.Updates:
+      return jax.tree.map(
+          lambda p: _zeros_like(p, storage(jnp.result_type(p))), params
+      )
+
+    return ScaleByAmsgradState(
+        count=jnp.zeros([], jnp.int32),
+        mu=zeros(mu_storage),
+        nu=zeros(nu_storage),
+        nu_max=zeros(nu_storage),
+    )
+
+  def update_fn(
+      updates: optax.Updates,
+      state: ScaleByAmsgradState,
+      params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, ScaleByAmsgradState]:
+    del params
+    if not isinstance(state, ScaleByAmsgradState):
+      raise TypeError(
+          "scale_by_amsgrad: expected a ScaleByAmsgradState, got "
+          f"{type(state).__module__}.{type(state).__qualname__}. Was this state "
+          "made by another optimizer's init?"
+      )
+    _validation.check_updates_match_state(updates, state.mu, name="scale_by_amsgrad")
+    count = optax.safe_increment(state.count)
+    b1_t = _validation.resolve_b1(b1, state.count)
+    seed_bits = jnp.uint32(seed)
+    coefficients_by_dtype: dict[jnp.dtype, _Coefficients] = {}
+
+    def coefficients(dtype: jnp.dtype) -> _Coefficients:
+      if dtype not in coefficients_by_dtype:
+        coefficients_by_dtype[dtype] = _coefficients(
+            convention, dtype, count, b1_t, b2, eps, eps_root
+        )
+      return coefficients_by_dtype[dtype]
+
+    def store(x: jax.Array, like: jax.Array, buffer: str, index: int) -> jax.Array:
+      return _rounding.store(
+          x,
+          like.dtype,
+          stochastic=state_rounding == "stochastic",
+          seed=seed_bits,
+          count=count,
+          buffer=buffer,
+          leaf_index=index,
+      )
+
+    def leaf_step(
+        index: int, g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+      m_dtype, v_dtype = _compute_dtypes(g.dtype)
+      c = coefficients(v_dtype)
+      g_c = g.astype(m_dtype)
+      m_c = m.astype(m_dtype)
+      if split_complex and jnp.iscomplexobj(g):
+        v_c, v_max_c = v.astype(m_dtype), v_max.astype(m_dtype)
+        parts = [
+            _moments_and_update(part(g_c), part(m_c), part(v_c), part(v_max_c), c)
+            for part in (jnp.real, jnp.imag)
+        ]
+        new_u, new_m, new_v, new_v_max = (
+            jax.lax.complex(re, im) for re, im in zip(*parts, strict=True)
+        )
+      else:
+        new_u, new_m, new_v, new_v_max = _moments_and_update(
+            g_c, m_c, v.astype(v_dtype), v_max.astype(v_dtype), c
+        )
+      # nu_max is rounded to nearest, which is monotone: the stored value is
+      # the rounded true maximum, never below the previous one and never
+      # ratcheted upwards by rounding noise.
+      return (
+          new_u.astype(g.dtype),
+          store(new_m, m, "mu", index),
+          store(new_v, v, "nu", index),
+          new_v_max.astype(v_max.dtype),
+      )
+
+    g_leaves, treedef = jax.tree.flatten(updates)
+    stacks = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.nu_max)]
+    results = [
+        leaf_step(i, g, m, v, v_max)
+        for i, (g, m, v, v_max) in enumerate(zip(g_leaves, *stacks, strict=True))
+    ]
+    new_updates, new_mu, new_nu, new_nu_max = (
+        treedef.unflatten([r[k] for r in results]) for k in range(4)
+    )
+    return new_updates, ScaleByAmsgradState(
+        count=count, mu=new_mu, nu=new_nu, nu_max=new_nu_max
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)

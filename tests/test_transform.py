@@ -211,3 +211,24 @@ def test_count_saturates():
   updates, state = solver.update(g, state)
   assert int(state.count) == 2**31 - 1
   assert np.all(np.isfinite(np.asarray(updates)))
+
+
+def test_early_spike_is_not_held_forever():
+  # The README's reason for the default: "optax" holds the debiased one-sample
+  # estimate g_1**2 = 100 in nu_max, so the update of unit gradients stays at
+  # 1 / sqrt(100); "pytorch" debiases the raw maximum at use and recovers.
+  grads = jnp.concatenate([jnp.array([10.0]), jnp.ones(4999)])[:, None]
+
+  def final_update(convention):
+    solver = optax_amsgrad.scale_by_amsgrad(convention=convention)
+
+    def step(state, g):
+      update, state = solver.update(g, state)
+      return state, update[0]
+
+    _, updates = jax.lax.scan(step, solver.init(jnp.zeros(1)), grads)
+    return np.asarray(updates)
+
+  optax_like, pytorch = final_update("optax"), final_update("pytorch")
+  np.testing.assert_allclose(optax_like[-1], 0.1, rtol=1e-6)
+  assert pytorch[999] > 0.97 and pytorch[-1] > 0.999

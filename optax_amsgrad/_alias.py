@@ -74,6 +74,7 @@ def amsgrad(
     Reddi, Kale and Kumar, `On the Convergence of Adam and Beyond
     <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
   """
+  _validation.check_learning_rate(learning_rate)
   return optax.chain(
       scale_by_amsgrad(
           b1=b1,
@@ -150,6 +151,7 @@ def amsgradw(
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
+  _validation.check_learning_rate(learning_rate)
   _validation.check_non_negative("weight_decay", weight_decay)
   return optax.chain(
       scale_by_amsgrad(

@@ -1,0 +1,2 @@
+"""Scripts that run in processes of their own: eight host devices, or several
+JAX processes joined by ``jax.distributed``."""

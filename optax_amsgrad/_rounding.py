@@ -12,14 +12,17 @@ a threefry key split per leaf would cost more than the update itself. The
 scalar inputs are folded into a per-array key one at a time through a
 bijective mixer, so for a fixed element a change of any single input always
 changes the bits (no two (seed, step, buffer, leaf) combinations cancel out,
-as XOR-ing their multiples could), and ``mu`` and ``nu`` get independent
-streams. An element's bits are then ``(index ^ key) * golden``, a bijection of
-the key: exactly uniform for a uniform key and, with a fresh key every step,
-independent of everything before, so every rounding is unbiased given the
-past. Across the elements of one step they form a scrambled golden-ratio
-sequence, evenly spread rather than independent; that costs four integer
-operations per element where a full mixer costs nine, which shows in the step
-time on a CPU.
+as XOR-ing their multiples could). An element's bits are then
+``(index ^ key) * multiplier``, a bijection of the key: exactly uniform for a
+uniform key and, with a fresh key every step, independent of everything
+before, so every rounding is unbiased given the past. Across the elements of
+one array, multiplying by ``2**32`` times a quadratic irrational (the golden
+ratio for ``nu``) makes the bits a scrambled Weyl sequence: spread more evenly
+than independent draws, so the rounding errors of one step largely cancel over
+the elements of a leaf. ``mu`` and ``nu`` (and real and imaginary parts) use
+different irrationals, which leaves the decisions of the two buffers as
+uncorrelated across elements as independent bits would be. This costs four
+integer operations per element against nine for a full mixer.
 
 Bits that are correlated across steps (a per-element random phase advanced by
 the golden ratio each step) make rounding errors cancel along an element's
@@ -30,8 +33,9 @@ about 2% low. Fresh bits every step avoid that.
 The running maximum ``nu_max`` is rounded to nearest, not stochastically.
 Rounding to nearest is monotone, so ``round(max(a, b)) == max(a, round(b))``
 for a stored ``a``: the stored value is exactly the rounded true running
-maximum, never decreasing, within half a unit in the last place of the truth,
-and no rounding noise accumulates in it (no ratchet). A positive value is
+maximum (of ``v`` and of the stored ``nu``, so that ``nu <= nu_max`` holds in
+the state as in float32), never decreasing, and no rounding noise accumulates
+in it (no ratchet). A positive value is
 never rounded to zero, though: it becomes the smallest positive value instead.
 In a dtype of narrow range (float16 flushes ``v < 3e-8``, float8 much more) a
 zero maximum would turn the step ``m / (sqrt(v) + eps)`` into ``m / eps``.
@@ -45,18 +49,21 @@ in the input are stored as they are.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-Buffer = Literal["mu", "nu"]
-
-# 2**32 / golden ratio, rounded to an odd number: multiplying by it is a
-# bijection on uint32 that spreads consecutive indices evenly over the high
-# bits.
-_GOLDEN = 0x9E3779B1
+# Odd multipliers 2**32 * frac(r) for quadratic irrationals r (bounded
+# continued-fraction terms, hence evenly spread multiples): the golden ratio
+# for nu, the square roots of 3, 2 and 5 for the other streams.
+_MULTIPLIERS = {
+    ("nu", "real"): 0x9E3779B9,
+    ("mu", "real"): 0xBB67AE85,
+    ("nu", "imag"): 0x6A09E667,
+    ("mu", "imag"): 0x3C6EF373,
+}
 _BUFFER_CODES = {"mu": 0, "nu": 1}
 # The real and imaginary parts of a complex moment get separate streams.
 _PART_CODES = {"real": 0, "imag": 2}
@@ -67,6 +74,10 @@ _BF16_MAX_BITS = 0x7F7F0000  # bit pattern of the largest finite bfloat16
 _F32_INF_BITS = 0x7F800000
 _F32_ABS_MASK = 0x7FFFFFFF
 _F32_SIGN_MASK = 0x80000000
+
+
+def _finfo(dtype: Any) -> Any:
+  return jnp.finfo(dtype)  # type: ignore[no-untyped-call]
 
 
 def mix32(h: jax.Array) -> jax.Array:
@@ -81,7 +92,7 @@ def mix32(h: jax.Array) -> jax.Array:
 def stream_key(
     seed: jax.typing.ArrayLike,
     count: jax.typing.ArrayLike,
-    buffer: Buffer,
+    buffer: str,
     leaf_index: int,
     part: str = "real",
 ) -> jax.Array:
@@ -102,7 +113,7 @@ def random_bits(
     *,
     seed: jax.typing.ArrayLike,
     count: jax.typing.ArrayLike,
-    buffer: Buffer,
+    buffer: str,
     leaf_index: int,
     part: str = "real",
 ) -> jax.Array:
@@ -117,7 +128,8 @@ def random_bits(
   """
   key = stream_key(seed, count, buffer, leaf_index, part)
   index = lax.iota(jnp.uint32, _size(shape)).reshape(shape)
-  return (index ^ key) * jnp.uint32(_GOLDEN)
+  bits: jax.Array = (index ^ key) * jnp.uint32(_MULTIPLIERS[buffer, part])
+  return bits
 
 
 def _as_uint32(value: jax.typing.ArrayLike) -> jax.Array:
@@ -182,7 +194,7 @@ def _round_generic(
   the nearest value with probability ``|x - nearest| / gap``; ``"nearest"``
   rounds to nearest but never turns a nonzero value into zero.
   """
-  largest = jnp.asarray(jnp.finfo(dtype).max, x.dtype)
+  largest = jnp.asarray(_finfo(dtype).max, x.dtype)
   clamped = jnp.clip(x, -largest, largest)
   nearest = clamped.astype(dtype)
   if mode == "nearest":
@@ -209,8 +221,8 @@ def _round_generic(
 
 def is_narrowing(compute_dtype: jnp.dtype, storage_dtype: jnp.dtype) -> bool:
   """True when storing in ``storage_dtype`` loses mantissa bits."""
-  compute = jnp.finfo(compute_dtype)
-  storage = jnp.finfo(storage_dtype)
+  compute = _finfo(compute_dtype)
+  storage = _finfo(storage_dtype)
   return bool(storage.nmant < compute.nmant)
 
 
@@ -233,7 +245,7 @@ def store(
     stochastic: bool,
     seed: jax.typing.ArrayLike,
     count: jax.typing.ArrayLike,
-    buffer: Buffer,
+    buffer: str,
     leaf_index: int,
 ) -> jax.Array:
   """Casts a moment ``x`` to ``storage_dtype``, stochastically when narrowing.
@@ -270,7 +282,7 @@ def store(
   storage_dtype = jnp.dtype(storage_dtype)
   if not (stochastic and is_narrowing(x.dtype, storage_dtype)):
     return x.astype(storage_dtype)
-  real_storage = jnp.finfo(storage_dtype).dtype
+  real_storage = _finfo(storage_dtype).dtype
   parts = []
   for part, value in _real_parts(x):
     bits = random_bits(
@@ -289,23 +301,35 @@ def store(
 
 
 def store_max(
-    x: jax.Array, storage_dtype: jax.typing.DTypeLike, *, stochastic: bool
+    x: jax.Array,
+    storage_dtype: jax.typing.DTypeLike,
+    *,
+    stochastic: bool,
+    at_least: jax.Array | None = None,
+    scale: jax.typing.ArrayLike = 1.0,
 ) -> jax.Array:
   """Casts the running maximum ``x`` to ``storage_dtype``.
 
   Args:
-    x: the new running maximum in the compute dtype.
+    x: the new running maximum ``max(nu_max, v * scale)`` in the compute dtype.
     storage_dtype: the dtype the state keeps.
     stochastic: the ``state_rounding="stochastic"`` mode, in which the maximum
       itself is rounded to nearest (never stochastically), a nonzero value is
       never rounded to zero, and finite values saturate at the largest finite
       value of ``storage_dtype``. Otherwise, or when ``storage_dtype`` is not
       narrower, this is a plain cast.
+    at_least: the ``nu`` just stored (stochastically rounded). The stored
+      maximum is kept at or above ``at_least * scale`` (rounded the same way),
+      so that it is a running maximum of what is stored, as in float32, even
+      when ``nu`` was rounded up past ``x``. Only used with ``stochastic``.
+    scale: the factor between ``nu`` and ``nu_max`` (``1 / (1 - b2**t)`` for
+      the ``"optax"`` convention, 1 otherwise).
 
   Returns:
     ``x`` in ``storage_dtype``. The rounding is monotone, so
     ``store_max(max(a, b)) == max(a, store_max(b))`` for a representable
-    ``a``: the stored maximum never decreases and never drifts upwards.
+    ``a``: the stored maximum is the rounded true running maximum, never
+    decreases and never drifts upwards.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -317,7 +341,15 @@ def store_max(
   storage_dtype = jnp.dtype(storage_dtype)
   if not (stochastic and is_narrowing(x.dtype, storage_dtype)):
     return x.astype(storage_dtype)
-  real_storage = jnp.finfo(storage_dtype).dtype
+  if at_least is not None:
+    floor = at_least.astype(x.dtype)
+    if jnp.iscomplexobj(x):
+      scaled = lax.complex(floor.real * scale, floor.imag * scale)
+      x = lax.complex(jnp.maximum(x.real, scaled.real),
+                      jnp.maximum(x.imag, scaled.imag))
+    else:
+      x = jnp.maximum(x, floor * scale)
+  real_storage = _finfo(storage_dtype).dtype
   parts = []
   for _, value in _real_parts(x):
     if value.dtype == jnp.float32 and real_storage == jnp.bfloat16:

@@ -90,7 +90,12 @@ def _coefficients(
   one = jnp.ones([], dtype)
   bias_correction1 = _bias_correction(b1_host, t)
   bias_correction2 = _bias_correction(b2_host, t)
-  numerator, denominator, nu_max_scale = one, one, one
+  # Exactly 1 (t is a finite count), but computed rather than a constant. A
+  # constant 1 is folded away, which leaves ``maximum(nu_max, v)`` as a kernel
+  # with no scalar operand, and XLA:CPU compiles such kernels with a loop
+  # emitter that streams about 1.5x slower (benchmarks/README.md).
+  exact_one = (t - t) + 1
+  numerator, denominator, nu_max_scale = one, one, exact_one
   if convention == "pytorch":
     numerator = 1 / bias_correction1
     denominator = 1 / bias_correction2
@@ -361,14 +366,17 @@ def scale_by_amsgrad(
             g_c, m_c, v.astype(v_dtype), v_max.astype(v_dtype), c
         )
       # nu_max is rounded to nearest (never to zero), which is monotone: the
-      # stored value is the rounded true maximum, never below the previous one
-      # and never ratcheted upwards by rounding noise.
+      # stored value is the rounded true maximum (of v and of the stored nu,
+      # so nu <= nu_max holds in the state), never below the previous one and
+      # never ratcheted upwards by rounding noise.
+      stored_v = store(new_v, v, "nu", index)
       return (
           new_u.astype(g.dtype),
           store(new_m, m, "mu", index),
-          store(new_v, v, "nu", index),
+          stored_v,
           _rounding.store_max(
-              new_v_max, v_max.dtype, stochastic=state_rounding == "stochastic"
+              new_v_max, v_max.dtype, stochastic=state_rounding == "stochastic",
+              at_least=stored_v, scale=c.nu_max_scale,
           ),
       )
 

@@ -1,0 +1,609 @@
+"""Quality, memory and step time of AMSGrad with bfloat16 optimizer state.
+
+Compares, on several problems and seeds, the final loss reached at a fixed
+step budget with
+
+* ``float32``: float32 state (the reference),
+* ``bf16_cast``: bfloat16 state stored with a plain cast
+  (``state_rounding="nearest"``),
+* ``bf16_stochastic``: bfloat16 state with stochastic rounding of ``mu`` and
+  ``nu`` and ``nu_max`` rounded up (``state_rounding="stochastic"``, the
+  default for narrow state dtypes),
+* ``bf16_kahan``: a prototype kept in this script for comparison only:
+  ``mu`` and ``nu`` stored as a bfloat16 pair (value and rounding residual,
+  compensated summation), ``nu_max`` rounded up: 10 bytes per parameter,
+
+and, as a yardstick of how much the final loss moves under any tiny change of
+the trajectory, ``float32_jitter``: float32 state started from the initial
+params perturbed by one float32 ulp.
+
+Then it times one jitted, donated update of a single 1e7-parameter float32
+leaf with float32 and bfloat16 state on the default device (CPU), interleaving
+the variants and taking medians, next to a streaming ``a + s * b`` of the same
+size for the machine's bandwidth.
+
+Run (about 3 minutes on 2 CPU cores)::
+
+  python benchmarks/state_precision.py
+
+It writes ``benchmarks/results/state_precision.json`` and prints a summary.
+``--quick`` runs fewer seeds and steps (a smoke test, not the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_amsgrad
+from optax_amsgrad import _rounding
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+class Problem(NamedTuple):
+  """A training problem: ``loss(params, step)`` is the minibatch loss of
+  step ``step``; ``final_loss(params)`` the loss reported at the end."""
+
+  loss: Callable[[Any, jax.Array], jax.Array]
+  final_loss: Callable[[Any], jax.Array]
+  params: Any
+  learning_rate: float
+  steps: int
+
+
+def _least_squares(seed: int, batch: int | None) -> Problem:
+  rng = np.random.default_rng(seed)
+  n, d = 1024, 64
+  u, _ = np.linalg.qr(rng.normal(size=(n, d)))
+  v, _ = np.linalg.qr(rng.normal(size=(d, d)))
+  a = (u * np.logspace(0, -2, d)) @ v.T * np.sqrt(n)
+  x_true = rng.normal(size=d)
+  b = a @ x_true + 0.01 * rng.normal(size=n)
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  key = jax.random.PRNGKey(seed)
+
+  def final_loss(params):
+    return jnp.mean((a @ params["x"] - b) ** 2)
+
+  def loss(params, step):
+    if batch is None:
+      return final_loss(params)
+    index = jax.random.randint(jax.random.fold_in(key, step), (batch,), 0, n)
+    return jnp.mean((a[index] @ params["x"] - b[index]) ** 2)
+
+  return Problem(loss, final_loss, {"x": jnp.zeros(d, jnp.float32)}, 3e-3, 3000)
+
+
+def least_squares(seed: int) -> Problem:
+  """Full-batch least squares, 1024 x 64, condition number 100, still
+  converging at the budget (the loss is still falling at the last step)."""
+  return _least_squares(seed, None)
+
+
+def least_squares_minibatch(seed: int) -> Problem:
+  """The same least squares with minibatches of 32: noisy |g|**2, the regime
+  where the rounding noise of a 2-byte nu is largest relative to its drift."""
+  return _least_squares(seed, 32)
+
+
+def _mlp_params(key: jax.Array, sizes: list[int]) -> list[dict[str, jax.Array]]:
+  layers = []
+  for fan_in, fan_out in itertools.pairwise(sizes):
+    key, sub = jax.random.split(key)
+    layers.append({
+        "w": jax.random.normal(sub, (fan_in, fan_out), jnp.float32)
+        / np.sqrt(fan_in),
+        "b": jnp.zeros(fan_out, jnp.float32),
+    })
+  return layers
+
+
+def _mlp(layers, x, activation=jnp.tanh):
+  for layer in layers[:-1]:
+    x = activation(x @ layer["w"] + layer["b"])
+  return x @ layers[-1]["w"] + layers[-1]["b"]
+
+
+def noisy_mlp(seed: int) -> Problem:
+  """Regression of a smooth 2-d function with label noise (std 0.1) by a
+  2-32-32-1 tanh MLP, minibatches of 32."""
+  rng = np.random.default_rng(seed)
+  n, batch = 1024, 32
+  x = rng.uniform(-2, 2, size=(n, 2))
+  y = np.sin(2 * x[:, :1]) * np.cos(x[:, 1:]) + 0.1 * rng.normal(size=(n, 1))
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+  key = jax.random.PRNGKey(seed)
+  params = _mlp_params(jax.random.fold_in(key, 1), [2, 32, 32, 1])
+
+  def loss(params, step):
+    index = jax.random.randint(jax.random.fold_in(key, step), (batch,), 0, n)
+    return jnp.mean((_mlp(params, x[index]) - y[index]) ** 2)
+
+  def final_loss(params):
+    return jnp.mean((_mlp(params, x) - y) ** 2)
+
+  return Problem(loss, final_loss, params, 3e-3, 2000)
+
+
+def two_layer(seed: int) -> Problem:
+  """The two-layer ReLU network of the PyTorch examples: N=64, D_in=1000,
+  H=100, D_out=10, random data, summed squared error, lr 1e-4, 500 steps."""
+  rng = np.random.default_rng(seed)
+  n, d_in, hidden, d_out = 64, 1000, 100, 10
+  x = jnp.asarray(rng.normal(size=(n, d_in)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(n, d_out)), jnp.float32)
+  params = {
+      "w1": jnp.asarray(rng.normal(size=(d_in, hidden)), jnp.float32),
+      "w2": jnp.asarray(rng.normal(size=(hidden, d_out)), jnp.float32),
+  }
+
+  def final_loss(params):
+    return jnp.sum((jnp.maximum(x @ params["w1"], 0) @ params["w2"] - y) ** 2)
+
+  return Problem(lambda p, step: final_loss(p), final_loss, params, 1e-4, 500)
+
+
+def digits(seed: int) -> Problem:
+  """scikit-learn's 8x8 digits (1797 images), a 64-64-10 ReLU MLP with
+  softmax cross-entropy, minibatches of 64; the final loss is the training
+  cross-entropy on all images."""
+  from sklearn.datasets import load_digits
+
+  data = load_digits()
+  x = jnp.asarray(data.data / 16.0, jnp.float32)
+  labels = jnp.asarray(data.target, jnp.int32)
+  n, batch = x.shape[0], 64
+  key = jax.random.PRNGKey(seed)
+  params = _mlp_params(jax.random.fold_in(key, 1), [64, 64, 10])
+
+  def cross_entropy(params, x, labels):
+    logits = _mlp(params, x, activation=jax.nn.relu)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  def loss(params, step):
+    index = jax.random.randint(jax.random.fold_in(key, step), (batch,), 0, n)
+    return cross_entropy(params, x[index], labels[index])
+
+  return Problem(
+      loss, lambda p: cross_entropy(p, x, labels), params, 1e-3, 1500
+  )
+
+
+PROBLEMS: dict[str, Callable[[int], Problem]] = {
+    "least_squares": least_squares,
+    "least_squares_minibatch": least_squares_minibatch,
+    "noisy_mlp": noisy_mlp,
+    "two_layer": two_layer,
+    "digits": digits,
+}
+
+
+# Prototypes of alternative storage schemes, for comparison only. Both follow
+# the "pytorch" convention and store nu_max as the library does (rounded to
+# nearest, never to zero); only the storage of mu and nu differs.
+class PrototypeState(NamedTuple):
+  count: jax.Array
+  mu: Any  # a tuple of arrays per leaf: the stored representation
+  nu: Any
+  nu_max: Any
+
+
+class Codec(NamedTuple):
+  """How a float32 moment is kept: ``encode(x, count, buffer, leaf_index)``
+  returns a tuple of arrays, ``decode`` the float32 value back."""
+
+  init: Callable[[jax.Array], tuple[jax.Array, ...]]
+  encode: Callable[[jax.Array, jax.Array, str, int], tuple[jax.Array, ...]]
+  decode: Callable[[tuple[jax.Array, ...]], jax.Array]
+
+
+def _bf16_zeros(p):
+  return jnp.zeros_like(p, jnp.bfloat16)
+
+
+def _kahan_encode(x, count, buffer, leaf_index):
+  hi = x.astype(jnp.bfloat16)
+  return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+# Compensated storage: a bfloat16 pair (value, rounding residual) holds about
+# 16 significant bits, 4 bytes per moment.
+KAHAN = Codec(
+    init=lambda p: (_bf16_zeros(p), _bf16_zeros(p)),
+    encode=_kahan_encode,
+    decode=lambda parts: parts[0].astype(jnp.float32) + parts[1].astype(jnp.float32),
+)
+
+
+def _weyl_encode(x, count, buffer, leaf_index):
+  # Per-element random phase (the library's hash with the step left out),
+  # advanced by 2**32 / golden ratio each step: a randomly shifted Weyl
+  # sequence of thresholds instead of independent ones.
+  phase = _rounding.random_bits(x.shape, seed=0, count=0, buffer=buffer,
+                                leaf_index=leaf_index)
+  bits = phase + count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
+  return (_rounding._round_float32_to_bfloat16(x, bits >> 16),)
+
+
+WEYL = Codec(
+    init=lambda p: (_bf16_zeros(p),),
+    encode=_weyl_encode,
+    decode=lambda parts: parts[0].astype(jnp.float32),
+)
+
+
+def prototype_amsgrad(codec: Codec, b1=0.9, b2=0.999, eps=1e-8
+                      ) -> optax.GradientTransformation:
+  """``scale_by_amsgrad`` ("pytorch" convention) with mu and nu kept by
+  ``codec``."""
+
+  def init(params):
+    return PrototypeState(
+        jnp.zeros([], jnp.int32),
+        jax.tree.map(codec.init, params),
+        jax.tree.map(codec.init, params),
+        jax.tree.map(_bf16_zeros, params),
+    )
+
+  def update(grads, state, params=None):
+    del params
+    count = state.count + 1
+    t = count.astype(jnp.float32)
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    leaves, treedef = jax.tree.flatten(grads)
+    mus = treedef.flatten_up_to(state.mu)
+    nus = treedef.flatten_up_to(state.nu)
+    maxes = treedef.flatten_up_to(state.nu_max)
+    out = []
+    for i, (g, m, v, v_max) in enumerate(zip(leaves, mus, nus, maxes, strict=True)):
+      m = b1 * codec.decode(m) + (1 - b1) * g
+      v = b2 * codec.decode(v) + (1 - b2) * g * g
+      v_max = jnp.maximum(v_max.astype(jnp.float32), v)
+      u = (m / bc1) / (jnp.sqrt(v_max / bc2) + eps)
+      out.append((u, codec.encode(m, count, "mu", i), codec.encode(v, count, "nu", i),
+                  _rounding.store_max(v_max, jnp.bfloat16, stochastic=True)))
+    pick = lambda k: treedef.unflatten([o[k] for o in out])
+    return pick(0), PrototypeState(count, pick(1), pick(2), pick(3))
+
+  return optax.GradientTransformation(init, update)
+
+
+BF16 = {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}
+VARIANTS: dict[str, Callable[[float, int], optax.GradientTransformation]] = {
+    "float32": lambda lr, seed: optax_amsgrad.amsgrad(lr),
+    "float32_jitter": lambda lr, seed: optax_amsgrad.amsgrad(lr),
+    "bf16_cast": lambda lr, seed: optax_amsgrad.amsgrad(
+        lr, **BF16, state_rounding="nearest"
+    ),
+    "bf16_stochastic": lambda lr, seed: optax_amsgrad.amsgrad(
+        lr, **BF16, state_rounding="stochastic", seed=seed
+    ),
+    "bf16_weyl": lambda lr, seed: optax.chain(
+        prototype_amsgrad(WEYL), optax.scale(-lr)
+    ),
+    "bf16_kahan": lambda lr, seed: optax.chain(
+        prototype_amsgrad(KAHAN), optax.scale(-lr)
+    ),
+}
+
+
+def _jitter(params: Any, seed: int) -> Any:
+  """Moves every parameter by one float32 ulp, up or down at random."""
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(10_000 + seed)
+  moved = []
+  for leaf in leaves:
+    up = rng.random(leaf.shape) < 0.5
+    direction = jnp.where(up, jnp.inf, -jnp.inf).astype(leaf.dtype)
+    moved.append(jnp.nextafter(leaf, direction))
+  return treedef.unflatten(moved)
+
+
+def train(problem: Problem, optimizer: optax.GradientTransformation,
+          params: Any) -> tuple[float, np.ndarray]:
+  """Final loss and the minibatch loss curve, all steps in one lax.scan."""
+
+  @jax.jit
+  def run(params):
+    def step(carry, index):
+      params, state = carry
+      value, grads = jax.value_and_grad(problem.loss)(params, index)
+      updates, state = optimizer.update(grads, state, params)
+      return (optax.apply_updates(params, updates), state), value
+
+    carry = (params, optimizer.init(params))
+    (params, _), curve = jax.lax.scan(step, carry, jnp.arange(problem.steps))
+    return problem.final_loss(params), curve
+
+  final, curve = run(params)
+  return float(final), np.asarray(curve)
+
+
+def state_bytes_per_param(optimizer: optax.GradientTransformation,
+                          params: Any) -> float:
+  state = jax.eval_shape(optimizer.init, params)
+  leaves = [x for x in jax.tree.leaves(state) if x.ndim > 0]
+  size = sum(x.size for x in jax.tree.leaves(params))
+  return sum(x.size * x.dtype.itemsize for x in leaves) / size
+
+
+def quality(seeds: list[int], steps_scale: float) -> dict[str, Any]:
+  results: dict[str, Any] = {}
+  for name, make_problem in PROBLEMS.items():
+    runs = []
+    for seed in seeds:
+      problem = make_problem(seed)
+      problem = problem._replace(steps=max(1, int(problem.steps * steps_scale)))
+      run: dict[str, Any] = {"seed": seed}
+      for variant, make in VARIANTS.items():
+        params = problem.params
+        if variant == "float32_jitter":
+          params = _jitter(params, seed)
+        final, curve = train(problem, make(problem.learning_rate, seed), params)
+        run[variant] = final
+        if variant == "float32":
+          run["initial_loss"] = float(curve[0])
+          # Still converging: the loss over the last tenth of the budget,
+          # against the tenth before it.
+          tenth = max(1, problem.steps // 10)
+          run["last_tenth_improvement"] = float(
+              1 - curve[-tenth:].mean() / curve[-2 * tenth:-tenth].mean()
+          )
+      runs.append(run)
+      ratios = {v: run[v] / run["float32"] for v in VARIANTS if v != "float32"}
+      print(f"  {name:14s} seed {seed}: float32 {run['float32']:.5g}  " + "  ".join(
+          f"{v} x{r:.4f}" for v, r in ratios.items()), flush=True)
+    summary = {}
+    for variant in VARIANTS:
+      if variant == "float32":
+        continue
+      deviation = [abs(run[variant] / run["float32"] - 1) for run in runs]
+      signed = [run[variant] / run["float32"] - 1 for run in runs]
+      summary[variant] = {
+          "max_abs_relative_change": max(deviation),
+          "mean_relative_change": statistics.fmean(signed),
+      }
+    problem = make_problem(seeds[0])
+    results[name] = {
+        "description": make_problem.__doc__.split("\n\n")[0].replace("\n", " "),
+        "learning_rate": problem.learning_rate,
+        "steps": max(1, int(problem.steps * steps_scale)),
+        "runs": runs,
+        "summary": summary,
+    }
+  return results
+
+
+def rounding_bias(steps: int, size: int) -> dict[str, Any]:
+  """Mean relative error of the stored nu and nu_max against float32 state
+  fed the same gradients (open loop), for gradient patterns with and without
+  a short period. Each coordinate gets its own scale, spread over 6 decades
+  to cover many exponents."""
+  key = jax.random.PRNGKey(0)
+  scales = jnp.exp(jax.random.uniform(key, (size,), minval=-7, maxval=7))
+  patterns = {
+      "gaussian": lambda i: jax.random.normal(jax.random.fold_in(key, i), (size,)),
+      "period_3": lambda i: jnp.where(i % 3 == 0, 2.0, 0.5) * jnp.ones(size),
+      "constant": lambda i: jnp.full((size,), 1.1),
+  }
+  variants = {
+      "float32": (optax_amsgrad.scale_by_amsgrad(), lambda s: (s.nu, s.nu_max)),
+      "bf16_cast": (optax_amsgrad.scale_by_amsgrad(**BF16, state_rounding="nearest"),
+                    lambda s: (s.nu, s.nu_max)),
+      "bf16_stochastic": (optax_amsgrad.scale_by_amsgrad(**BF16),
+                          lambda s: (s.nu, s.nu_max)),
+      "bf16_weyl": (prototype_amsgrad(WEYL),
+                    lambda s: (WEYL.decode(s.nu), s.nu_max)),
+  }
+  out: dict[str, Any] = {"steps": steps, "size": size}
+  for pattern, gradient in patterns.items():
+
+    def final(transform, read, gradient=gradient):
+      @jax.jit
+      def run():
+        def step(state, i):
+          _, state = transform.update(gradient(i) * scales, state)
+          return state, None
+
+        state, _ = jax.lax.scan(step, transform.init(scales), jnp.arange(steps))
+        return [x.astype(jnp.float32) for x in read(state)]
+
+      return run()
+
+    nu32, max32 = final(*variants["float32"])
+    out[pattern] = {}
+    for name, (transform, read) in variants.items():
+      if name == "float32":
+        continue
+      nu, nu_max = final(transform, read)
+      out[pattern][name] = {
+          "nu_mean_relative_error": float(jnp.mean(nu / nu32 - 1)),
+          "nu_rms_relative_error": float(jnp.sqrt(jnp.mean((nu / nu32 - 1) ** 2))),
+          "nu_max_mean_relative_error": float(jnp.mean(nu_max / max32 - 1)),
+      }
+  return out
+
+
+def memory() -> dict[str, float]:
+  params = {"w": jax.ShapeDtypeStruct((1000, 1000), jnp.float32)}
+  optimizers = {
+      "float32": optax_amsgrad.scale_by_amsgrad(),
+      "bf16_cast": optax_amsgrad.scale_by_amsgrad(**BF16, state_rounding="nearest"),
+      "bf16_stochastic": optax_amsgrad.scale_by_amsgrad(**BF16),
+      "bf16_weyl": prototype_amsgrad(WEYL),
+      "bf16_kahan": prototype_amsgrad(KAHAN),
+  }
+  return {k: state_bytes_per_param(opt, params) for k, opt in optimizers.items()}
+
+
+class _StoredState(NamedTuple):
+  count: jax.Array
+  mu: jax.Array
+  nu: jax.Array
+  nu_max: jax.Array
+
+
+def stored_moments_amsgrad(learning_rate: float, *, narrow: bool,
+                           b1=0.9, b2=0.999, eps=1e-8
+                           ) -> optax.GradientTransformation:
+  """A single-array "pytorch" AMSGrad that stores the moments first and then
+  computes the update and nu_max from the stored values.
+
+  Same rounding as the library (its ``_rounding`` functions); only the order
+  differs. Timed next to the library to show what that order is worth: the
+  library computes the update from the unrounded float32 moments, so XLA:CPU
+  recomputes the moments in the update loop and copies the old state first.
+  """
+  dtype = jnp.bfloat16 if narrow else jnp.float32
+
+  def init(params):
+    zeros = lambda: jnp.zeros_like(params, dtype)
+    return _StoredState(jnp.zeros([], jnp.int32), zeros(), zeros(), zeros())
+
+  def update(g, state, params=None):
+    del params
+    count = state.count + 1
+    t = count.astype(jnp.float32)
+    m = b1 * state.mu.astype(jnp.float32) + (1 - b1) * g
+    v = b2 * state.nu.astype(jnp.float32) + (1 - b2) * g * g
+    mu = _rounding.store(m, dtype, stochastic=True, seed=0, count=count,
+                         buffer="mu", leaf_index=0)
+    nu = _rounding.store(v, dtype, stochastic=True, seed=0, count=count,
+                         buffer="nu", leaf_index=0)
+    nu_max = jnp.maximum(state.nu_max, nu)  # both stored: exact, no rounding
+    u = (mu.astype(jnp.float32) / (1 - b1**t)) / (
+        jnp.sqrt(nu_max.astype(jnp.float32) / (1 - b2**t)) + eps)
+    return -learning_rate * u, _StoredState(count, mu, nu, nu_max)
+
+  return optax.GradientTransformation(init, update)
+
+
+def step_time(size: int, repeats: int) -> dict[str, Any]:
+  """Median seconds of one donated update of a single ``size`` leaf."""
+  grads = jax.random.normal(jax.random.PRNGKey(0), (size,), jnp.float32)
+  variants = {
+      "float32": optax_amsgrad.amsgrad(1e-3),
+      "bf16_cast": optax_amsgrad.amsgrad(1e-3, **BF16, state_rounding="nearest"),
+      "bf16_stochastic": optax_amsgrad.amsgrad(1e-3, **BF16),
+      "float32_stored_order": stored_moments_amsgrad(1e-3, narrow=False),
+      "bf16_stochastic_stored_order": stored_moments_amsgrad(1e-3, narrow=True),
+  }
+  state_bytes = {"float32": 12, "bf16_cast": 6, "bf16_stochastic": 6,
+                 "float32_stored_order": 12, "bf16_stochastic_stored_order": 6}
+  runners: dict[str, list[Any]] = {}
+  for name, optimizer in variants.items():
+
+    def step(params, grads, state, optimizer=optimizer):
+      updates, state = optimizer.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 2))
+    params = jnp.zeros(size, jnp.float32)
+    state = optimizer.init(params)
+    analysis = compiled.lower(params, grads, state).compile().memory_analysis()
+    params, state = compiled(params, grads, state)
+    jax.block_until_ready((params, state))
+    runners[name] = [compiled, params, state,
+                     getattr(analysis, "temp_size_in_bytes", None)]
+
+  stream = jax.jit(lambda a, b: a + jnp.float32(0.5) * b, donate_argnums=0)
+  a = jnp.zeros(size, jnp.float32)
+  a = jax.block_until_ready(stream(a, grads))
+  times: dict[str, list[float]] = {name: [] for name in [*variants, "stream"]}
+  for _ in range(repeats):
+    for name in variants:
+      compiled, params, state, _ = runners[name]
+      start = time.perf_counter()
+      params, state = compiled(params, grads, state)
+      jax.block_until_ready((params, state))
+      times[name].append(time.perf_counter() - start)
+      runners[name][1:3] = [params, state]
+    start = time.perf_counter()
+    a = jax.block_until_ready(stream(a, grads))
+    times["stream"].append(time.perf_counter() - start)
+
+  median = {name: statistics.median(t) for name, t in times.items()}
+  # a + s*b reads two arrays and writes one.
+  bandwidth = 12 * size / median["stream"]
+  out: dict[str, Any] = {
+      "size": size,
+      "repeats": repeats,
+      "stream_bandwidth_GBps": bandwidth / 1e9,
+  }
+  for name in variants:
+    # Read g and p, write p, read and write the three state buffers.
+    moved = (12 + 2 * state_bytes[name]) * size
+    out[name] = {
+        "median_ms": 1e3 * median[name],
+        "min_ms": 1e3 * min(times[name]),
+        "bytes_moved_per_param": moved / size,
+        "fraction_of_bandwidth_limit": moved / bandwidth / median[name],
+        "temp_bytes": runners[name][3],
+        "ratio_to_float32": median[name] / median["float32"],
+    }
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--quick", action="store_true",
+                      help="2 seeds, a fifth of the steps, 1e6 params timed")
+  parser.add_argument("--size", type=int, default=10_000_000)
+  parser.add_argument("--repeats", type=int, default=41)
+  parser.add_argument("--skip-timing", action="store_true")
+  parser.add_argument("--output", default=os.path.join(RESULTS,
+                                                       "state_precision.json"))
+  args = parser.parse_args(argv)
+  seeds = list(range(2 if args.quick else args.seeds))
+  steps_scale = 0.2 if args.quick else 1.0
+  size = 1_000_000 if args.quick else args.size
+
+  print("quality: final loss relative to float32 state", flush=True)
+  report: dict[str, Any] = {
+      "command": "python benchmarks/state_precision.py " + " ".join(
+          sys.argv[1:] if argv is None else argv),
+      "machine": {
+          "platform": platform.platform(),
+          "processor": platform.processor(),
+          "cpu_count": os.cpu_count(),
+          "jax": jax.__version__,
+          "device": str(jax.devices()[0]),
+      },
+      "quality": quality(seeds, steps_scale),
+      "state_bytes_per_param": memory(),
+      "rounding_bias": rounding_bias(600 if args.quick else 3000, 20_000),
+  }
+  print("rounding bias (open loop):", json.dumps(report["rounding_bias"], indent=1))
+  print("state bytes per parameter:", report["state_bytes_per_param"])
+  if not args.skip_timing:
+    report["step_time"] = step_time(size, args.repeats)
+    print("step time:", json.dumps(report["step_time"], indent=1))
+  print("summary (max |final loss / float32 - 1| over seeds):")
+  for name, result in report["quality"].items():
+    print(f"  {name:14s} " + "  ".join(
+        f"{v} {s['max_abs_relative_change']:.2%}"
+        for v, s in result["summary"].items()))
+  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+  with open(args.output, "w") as file:
+    json.dump(report, file, indent=1)
+  print("wrote", args.output)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,6 +1,12 @@
 """AMSGrad for JAX and Optax, following PyTorch, Keras, Optax or the paper."""
 
 from optax_amsgrad._alias import amsgrad, amsgradw
+from optax_amsgrad._flat import (
+    FlatState,
+    flatten_by_dtype,
+    ravel_by_dtype,
+    unravel_by_dtype,
+)
 from optax_amsgrad._transform import (
     Convention,
     ScaleByAmsgradState,
@@ -12,10 +18,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Convention",
+    "FlatState",
     "ScaleByAmsgradState",
     "StateRounding",
     "__version__",
     "amsgrad",
     "amsgradw",
+    "flatten_by_dtype",
+    "ravel_by_dtype",
     "scale_by_amsgrad",
+    "unravel_by_dtype",
 ]

@@ -29,7 +29,7 @@ def scaled(convention: str, lr: float = 1e-2, **options) -> optax.GradientTransf
 @pytest.mark.parametrize("tree", sorted(TREE_SHAPES))
 def test_matches_reference_float64(convention, tree):
   shapes = TREE_SHAPES[tree]
-  grads = spiky_gradients(shapes, STEPS, seed=hash(tree) % 1000)
+  grads = spiky_gradients(shapes, STEPS, seed=sorted(TREE_SHAPES).index(tree))
   params = initial_params(shapes)
   expected = run_reference(grads, params, learning_rate=1e-2, convention=convention)
   actual = run_optax(scaled(convention), grads, params)

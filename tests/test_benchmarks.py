@@ -1,0 +1,81 @@
+"""The step-time benchmark runs end to end in its quick mode, so that it
+cannot rot. Nothing here looks at the timings themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "step_time.py"
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory) -> tuple[dict, Path]:
+  out = tmp_path_factory.mktemp("bench") / "step_time_quick.json"
+  # A fresh process: the test session enables float64, the benchmark
+  # measures what users get by default.
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  result = subprocess.run(
+      [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return json.loads(out.read_text()), out
+
+
+def test_quick_mode_writes_every_section(quick_report):
+  report, _ = quick_report
+  assert set(report) == {"meta", "cases", "compile"}
+  meta = report["meta"]
+  for key in ("jax_platform", "jax_device", "cpu_threads", "torch_threads",
+              "torch_device", "jax", "optax", "command", "quick"):
+    assert key in meta
+  assert meta["quick"] is True
+  assert len(report["cases"]) >= 2
+  for case in report["cases"]:
+    assert {"name", "leaves", "leaf_size", "params", "bandwidth_GBps",
+            "limit_ms", "variants"} <= set(case)
+    variants = case["variants"]
+    expected = {"floor", "ours", "ours_flat", "optax.amsgrad",
+                "optax.amsgrad_no_donation", "optax.adam"}
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      pass
+    else:
+      expected |= {"torch_fused", "torch_foreach"}
+    assert expected <= set(variants)
+    for name, entry in variants.items():
+      assert {"median_ms", "q1_ms", "q3_ms", "samples"} <= set(entry), name
+      assert entry["samples"] > 0
+      assert "ratio_vs_optax.amsgrad" in entry
+      if name != "floor":
+        assert {"fraction_of_limit", "achieved_GBps", "min_bytes_per_param"} <= set(entry)
+    for name in ("ours", "ours_flat", "optax.amsgrad", "optax.adam"):
+      assert {"compile_s", "temp_bytes", "state_bytes", "temp_fraction_of_state",
+              "bytes_accessed_per_param", "fusions"} <= set(variants[name])
+  leaves = {row["leaves"] for row in report["compile"]}
+  assert len(leaves) >= 3
+  for row in report["compile"]:
+    assert {"variant", "leaves", "leaf_size", "trace_s", "lower_s", "compile_s",
+            "total_s", "fusions"} <= set(row)
+
+
+def test_donated_step_needs_no_full_size_temporaries(quick_report):
+  # memory_analysis is deterministic, unlike the timings: with params and
+  # state donated the step updates them in place.
+  report, _ = quick_report
+  for case in report["cases"]:
+    assert case["variants"]["ours"]["temp_fraction_of_state"] < 0.01, case["name"]
+
+
+def test_plot_is_written_when_matplotlib_is_installed(quick_report):
+  pytest.importorskip("matplotlib")
+  _, out = quick_report
+  assert out.with_suffix(".png").stat().st_size > 0

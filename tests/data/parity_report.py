@@ -19,8 +19,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-from parity_cases import CASES  # noqa: E402
 from test_parity import _golden  # noqa: E402
+
+from parity_cases import CASES  # noqa: E402
 from trajectories import max_relative_difference, run_optax  # noqa: E402
 
 

@@ -29,7 +29,7 @@ class ScaleByAmsgradState(NamedTuple):
       bias-corrected ``v / (1 - b2**t)`` for ``"optax"``.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]
   mu: optax.Updates
   nu: optax.Updates
   nu_max: optax.Updates
@@ -56,7 +56,7 @@ def _complement(x: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.Array:
   ``1 - 0.999`` is off by 1.3e-5 relative, PyTorch's ``1 - beta2`` is not."""
   if isinstance(x, jax.core.Tracer):
     return 1 - jnp.asarray(x, dtype)
-  return jnp.asarray(1.0 - np.float64(x), dtype)
+  return jnp.asarray(1.0 - np.asarray(x, np.float64), dtype)
 
 
 def _bias_correction(b: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
@@ -68,7 +68,7 @@ def _bias_correction(b: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
     log_b = jnp.log(jnp.asarray(b, t.dtype))
   else:
     with np.errstate(divide="ignore"):
-      log_b = jnp.asarray(np.log(np.float64(b)), t.dtype)
+      log_b = jnp.asarray(np.log(np.asarray(b, np.float64)), t.dtype)
   return -jnp.expm1(t * log_b)
 
 
@@ -137,25 +137,30 @@ def _saturate(g: jax.Array, real_dtype: jnp.dtype) -> jax.Array:
   return jnp.where(large, g * (limit / safe).astype(g.dtype), g)
 
 
-def _moments_and_update(
+def _moments(
     g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array, c: _Coefficients
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """One AMSGrad step on one leaf, in the compute dtype. Complex ``g`` and
-  ``m`` use ``|g|**2`` for the second moment, as Optax does. Gradients too
-  large for their square to be represented are saturated first (see
-  ``_saturate``); the step depends on ``m / sqrt(v_max)``, so an isolated huge
-  gradient still gives the step exact arithmetic would."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The new moments ``m``, ``v`` and ``max(v_max, v * nu_max_scale)`` of one
+  leaf, in the compute dtype. Complex ``g`` and ``m`` use ``|g|**2`` for the
+  second moment, as Optax does. Gradients too large for their square to be
+  represented are saturated first (see ``_saturate``); the step depends on
+  ``m / sqrt(v_max)``, so an isolated huge gradient still gives the step exact
+  arithmetic would."""
   g = _saturate(g, c.b2.dtype)
   m = c.b1 * m + c.one_minus_b1 * g
   v = c.b2 * v + c.one_minus_b2 * (g.real * g.real + g.imag * g.imag
                                if jnp.iscomplexobj(g) else g * g)
   v_max = jnp.maximum(v_max, v * c.nu_max_scale)
-  update = m * c.numerator / (jnp.sqrt(v_max * c.denominator + c.eps_root) + c.eps)
-  return update, m, v, v_max
+  return m, v, v_max
+
+
+def _update(m: jax.Array, v_max: jax.Array, c: _Coefficients) -> jax.Array:
+  """The AMSGrad direction from the new ``m`` and ``v_max``."""
+  return m * c.numerator / (jnp.sqrt(v_max * c.denominator + c.eps_root) + c.eps)
 
 
 def _real_dtype(dtype: jnp.dtype) -> jnp.dtype:
-  return jnp.finfo(dtype).dtype
+  return jnp.finfo(dtype).dtype  # type: ignore[no-untyped-call]
 
 
 def _compute_dtypes(param_dtype: jnp.dtype) -> tuple[jnp.dtype, jnp.dtype]:
@@ -270,8 +275,8 @@ def scale_by_amsgrad(
   _validation.check_unit_interval("b2", b2)
   _validation.check_non_negative("eps", eps)
   _validation.check_non_negative("eps_root", eps_root)
-  _validation.check_storage_dtype("mu_dtype", mu_dtype)
-  _validation.check_storage_dtype("nu_dtype", nu_dtype)
+  mu_storage_dtype = _validation.resolve_storage_dtype("mu_dtype", mu_dtype)
+  nu_storage_dtype = _validation.resolve_storage_dtype("nu_dtype", nu_dtype)
   _validation.check_state_rounding(state_rounding)
   _validation.check_seed(seed)
   # Complex params under "pytorch" keep one second moment per real coordinate,
@@ -279,19 +284,19 @@ def scale_by_amsgrad(
   split_complex = convention == "pytorch"
 
   def mu_storage(param_dtype: jnp.dtype) -> jnp.dtype:
-    if mu_dtype is None:
+    if mu_storage_dtype is None:
       return param_dtype
     if jnp.issubdtype(param_dtype, jnp.complexfloating):
       # The dtype names a precision; the first moment of complex params is
       # complex.
-      return jnp.promote_types(mu_dtype, jnp.complex64)
-    return _real_dtype(jnp.dtype(mu_dtype))
+      return jnp.promote_types(mu_storage_dtype, jnp.complex64)
+    return _real_dtype(mu_storage_dtype)
 
   def nu_storage(param_dtype: jnp.dtype) -> jnp.dtype:
     # float16 cannot hold |g|**2 for |g| > 256, so its moments default to
     # float32; bfloat16 has float32's range.
     default = jnp.float32 if param_dtype == jnp.float16 else param_dtype
-    dtype = jnp.dtype(nu_dtype) if nu_dtype is not None else jnp.dtype(default)
+    dtype = nu_storage_dtype if nu_storage_dtype is not None else jnp.dtype(default)
     if split_complex and jnp.issubdtype(param_dtype, jnp.complexfloating):
       return jnp.promote_types(dtype, jnp.complex64)
     return _real_dtype(dtype)
@@ -323,7 +328,9 @@ def scale_by_amsgrad(
     )
     _validation.check_decays_representable({"b1": b1, "b2": b2}, updates)
     count = optax.safe_increment(state.count)
-    b1_t = _validation.resolve_b1(b1, state.count)
+    # resolve_b1 passes whatever a schedule returns through jnp.asarray.
+    b1_checked: Any = b1
+    b1_t = _validation.resolve_b1(b1_checked, state.count)
     seed_bits = jnp.uint32(seed)
     coefficients_by_dtype: dict[jnp.dtype, _Coefficients] = {}
 
@@ -352,35 +359,58 @@ def scale_by_amsgrad(
       c = coefficients(v_dtype)
       g_c = g.astype(m_dtype)
       m_c = m.astype(m_dtype)
-      if split_complex and jnp.iscomplexobj(g):
+      split = split_complex and jnp.iscomplexobj(g)
+      if split:
         v_c, v_max_c = v.astype(m_dtype), v_max.astype(m_dtype)
         parts = [
-            _moments_and_update(part(g_c), part(m_c), part(v_c), part(v_max_c), c)
+            _moments(part(g_c), part(m_c), part(v_c), part(v_max_c), c)
             for part in (jnp.real, jnp.imag)
         ]
-        new_u, new_m, new_v, new_v_max = (
+        new_m, new_v, new_v_max = (
             jax.lax.complex(re, im) for re, im in zip(*parts, strict=True)
         )
       else:
-        new_u, new_m, new_v, new_v_max = _moments_and_update(
+        new_m, new_v, new_v_max = _moments(
             g_c, m_c, v.astype(v_dtype), v_max.astype(v_dtype), c
         )
       # nu_max is rounded to nearest (never to zero), which is monotone: the
       # stored value is the rounded true maximum (of v and of the stored nu,
       # so nu <= nu_max holds in the state), never below the previous one and
       # never ratcheted upwards by rounding noise.
+      stored_m = store(new_m, m, "mu", index)
       stored_v = store(new_v, v, "nu", index)
-      return (
-          new_u.astype(g.dtype),
-          store(new_m, m, "mu", index),
-          stored_v,
-          _rounding.store_max(
-              new_v_max, v_max.dtype, stochastic=state_rounding == "stochastic",
-              at_least=stored_v, scale=c.nu_max_scale,
-          ),
+      stored_v_max = _rounding.store_max(
+          new_v_max, v_max.dtype, stochastic=state_rounding == "stochastic",
+          at_least=stored_v, scale=c.nu_max_scale,
       )
+      # The update reads the stored moments, cast back up (exactly the
+      # computed ones when the storage is not narrower). With narrow storage
+      # this keeps each buffer's new value a single producer that XLA writes
+      # in place: an update taken from the unrounded moments makes XLA
+      # recompute them in the update's kernel from the old, donated state,
+      # which it must then copy first.
+      m_u = stored_m.astype(m_dtype)
+      if split:
+        v_max_u = stored_v_max.astype(m_dtype)
+        new_u = jax.lax.complex(
+            *(_update(part(m_u), part(v_max_u), c) for part in (jnp.real, jnp.imag))
+        )
+      else:
+        new_u = _update(m_u, stored_v_max.astype(v_dtype), c)
+      if (state_rounding != "stochastic" and v.dtype != new_v.dtype
+          and not jnp.iscomplexobj(v)):
+        # A no-op (nu_max is never negative) that orders the store of nu
+        # after the nu_max kernel, the last one to read the old nu: without
+        # it XLA copies the old, donated nu before overwriting it. Not with
+        # stochastic rounding, where the nu_max kernel also reads the stored
+        # nu: XLA then keeps the rounded nu in a temporary of the same size
+        # and an extra pass, slower than the copy.
+        stored_v = jnp.where(stored_v_max < 0, stored_v_max, stored_v)
+      return new_u.astype(g.dtype), stored_m, stored_v, stored_v_max
 
-    g_leaves, treedef = jax.tree.flatten(updates)
+    g_leaves, treedef_ = jax.tree.flatten(updates)
+    # PyTreeDef's stubs lack flatten_up_to and unflatten.
+    treedef: Any = treedef_
     stacks = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.nu_max)]
     results = [
         leaf_step(i, g, m, v, v_max)

@@ -201,8 +201,12 @@ def check_seed(seed: object) -> None:
     raise ValueError(f"seed must be an integer in [0, 2**32); got {seed}.")
 
 
-def check_storage_dtype(name: str, dtype: Any) -> None:
-  """``mu_dtype`` / ``nu_dtype``: None, or a float or complex dtype.
+def resolve_storage_dtype(name: str, dtype: Any) -> jnp.dtype | None:
+  """``mu_dtype`` / ``nu_dtype`` as a ``jnp.dtype``: None, or a float or
+  complex dtype.
+
+  ``optax.inject_hyperparams`` hands a dtype over as an array of that dtype
+  (it takes ``jnp.bfloat16`` for a number); such an array stands for its dtype.
 
   float16 is refused for ``nu_dtype``: the second moment holds ``|g|**2``,
   which leaves float16's range for |g| > 256 (overflow to inf, after which
@@ -210,9 +214,11 @@ def check_storage_dtype(name: str, dtype: Any) -> None:
   0). bfloat16 takes the same two bytes with float32's range.
   """
   if dtype is None:
-    return
+    return None
+  if isinstance(dtype, (jax.Array, np.ndarray)):
+    dtype = dtype.dtype
   try:
-    resolved = jnp.dtype(dtype)
+    resolved: jnp.dtype = jnp.dtype(dtype)
   except TypeError as error:
     raise TypeError(
         f"{name} must be a dtype (such as jnp.float32 or 'bfloat16') or None; "
@@ -228,6 +234,7 @@ def check_storage_dtype(name: str, dtype: Any) -> None:
         "overflows for |g| > 256 and underflows for |g| < 2.4e-4. Use "
         "jnp.bfloat16 (same size, float32's range) or jnp.float32."
     )
+  return resolved
 
 
 def check_decays_representable(

@@ -463,10 +463,12 @@ def stored_moments_amsgrad(learning_rate: float, *, narrow: bool,
   """A single-array "pytorch" AMSGrad that stores the moments first and then
   computes the update and nu_max from the stored values.
 
-  Same rounding as the library (its ``_rounding`` functions); only the order
-  differs. Timed next to the library to show what that order is worth: the
-  library computes the update from the unrounded float32 moments, so XLA:CPU
-  recomputes the moments in the update loop and copies the old state first.
+  Same rounding and order as the library (its ``_rounding`` functions); it
+  differs only in forming ``nu_max`` as the running maximum of the stored
+  ``nu`` alone. That kernel then needs no unrounded ``v``, so XLA:CPU does not
+  keep a copy of the old ``nu``; the price is that ``nu_max`` may sit one
+  bfloat16 step above the rounded true maximum. Timed next to the library to
+  show what that choice is worth.
   """
   dtype = jnp.bfloat16 if narrow else jnp.float32
 

@@ -27,6 +27,15 @@ class FlatState(NamedTuple):
       maps each dtype name (``"float32"``, ``"bfloat16"``, ...) to a 1-D
       buffer holding every leaf of that dtype, raveled and concatenated in
       ``jax.tree.leaves`` order.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_amsgrad
+    >>> solver = optax_amsgrad.flatten_by_dtype(optax_amsgrad.amsgrad(1e-2))
+    >>> state = solver.init({"a": jnp.zeros(3), "b": jnp.zeros((2, 2))})
+    >>> optax.tree.get(state, "nu_max")["float32"].shape
+    (7,)
   """
 
   inner_state: optax.OptState

@@ -27,6 +27,16 @@ class ScaleByAmsgradState(NamedTuple):
     nu_max: running elementwise maximum ``v_max``. It holds raw ``v`` for the
       ``"pytorch"``, ``"keras"`` and ``"paper"`` conventions and the
       bias-corrected ``v / (1 - b2**t)`` for ``"optax"``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_amsgrad
+    >>> solver = optax_amsgrad.amsgrad(1e-2)
+    >>> state = solver.init({"w": jnp.zeros(2)})
+    >>> _, state = solver.update({"w": jnp.array([2.0, -1.0])}, state)
+    >>> optax.tree.get(state, "nu_max")["w"]  # (1 - b2) * g**2
+    Array([0.004, 0.001], dtype=float32)
   """
 
   count: jax.Array  # type: ignore[assignment]

@@ -156,6 +156,14 @@ def online(
   """The online problem of Section 5: ``1010 x`` if ``t mod 101 == 1`` else
   ``-10 x`` on ``[-1, 1]``; the best fixed point is ``x = -1``.
 
+  Args:
+    large: the rare gradient, seen once every ``period`` steps.
+    small: the gradient of the other steps.
+    period: the length of the cycle; the large gradient is at ``t mod period == 1``.
+
+  Returns:
+    A :class:`LinearProblem`.
+
   Example:
     >>> from optax_amsgrad import problems
     >>> problem = problems.online()
@@ -171,6 +179,14 @@ def stochastic(
   """The stochastic problem of Section 5: ``1010 x`` with probability 0.01,
   else ``-10 x``, on ``[-1, 1]``; the minimiser of the expected loss is
   ``x = -1``. Runs need a PRNG key.
+
+  Args:
+    probability: the chance of the large gradient at each step.
+    large: the rare gradient.
+    small: the gradient of the other steps.
+
+  Returns:
+    A :class:`LinearProblem`.
 
   Example:
     >>> import jax
@@ -192,6 +208,12 @@ def theorem1(c: float = 3.0) -> LinearProblem:
   Adam with ``b1, b2 = theorem1_betas(C)`` and step ``alpha / sqrt(t)``
   converges to ``x = +1``.
 
+  Args:
+    c: the large gradient ``C``; the construction needs ``C > 2``.
+
+  Returns:
+    A :class:`LinearProblem`.
+
   Example:
     >>> from optax_amsgrad import problems
     >>> problems.theorem1(3.0).mean_gradient
@@ -207,6 +229,12 @@ def theorem1_betas(c: float = 3.0) -> tuple[float, float]:
   """``(b1, b2) = (0, 1 / (1 + C**2))``, the decays under which Theorem 1
   shows that Adam fails on :func:`theorem1`.
 
+  Args:
+    c: the ``C`` of :func:`theorem1`.
+
+  Returns:
+    ``(b1, b2)``.
+
   Example:
     >>> from optax_amsgrad import problems
     >>> problems.theorem1_betas(3.0)
@@ -220,6 +248,12 @@ def inverse_sqrt_schedule(alpha: float) -> optax.Schedule:
 
   Optax calls a schedule with the number of steps already taken, so the
   ``t``-th step uses ``count = t - 1``.
+
+  Args:
+    alpha: the step size at ``t = 1``; finite and > 0.
+
+  Returns:
+    An Optax schedule ``count -> alpha / sqrt(count + 1)``.
 
   Example:
     >>> from optax_amsgrad import problems

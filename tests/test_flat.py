@@ -17,24 +17,15 @@ import pytest
 import optax_amsgrad
 from optax_amsgrad import checkpoint
 from optax_amsgrad._flat import (
-    FlatState,
-    flatten_by_dtype,
-    ravel_by_dtype,
-    unravel_by_dtype,
+  FlatState,
+  flatten_by_dtype,
+  ravel_by_dtype,
+  unravel_by_dtype,
 )
 
 from gradients import TREE_SHAPES, initial_params, spiky_gradients
 from reference import ReferenceAmsgrad, run_reference
-from trajectories import max_relative_difference, run_optax
-
-CONVENTIONS = ["pytorch", "keras", "optax", "paper"]
-
-
-def scaled(convention: str, lr: float = 1e-2, **options) -> optax.GradientTransformation:
-  return optax.chain(
-      optax_amsgrad.scale_by_amsgrad(convention=convention, **options),
-      optax.scale(-lr),
-  )
+from trajectories import CONVENTIONS, max_relative_difference, run_optax, scaled
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)

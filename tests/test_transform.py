@@ -12,17 +12,9 @@ import optax_amsgrad
 
 from gradients import TREE_SHAPES, initial_params, spiky_gradients
 from reference import ReferenceAmsgrad, run_reference
-from trajectories import max_relative_difference, run_optax
+from trajectories import CONVENTIONS, max_relative_difference, run_optax, scaled
 
-CONVENTIONS = ["pytorch", "keras", "optax", "paper"]
 STEPS = 1000
-
-
-def scaled(convention: str, lr: float = 1e-2, **options) -> optax.GradientTransformation:
-  return optax.chain(
-      optax_amsgrad.scale_by_amsgrad(convention=convention, **options),
-      optax.scale(-lr),
-  )
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import optax_amsgrad
+
 
 def run_optax(
     optimizer: optax.GradientTransformation,
@@ -47,3 +49,14 @@ def max_relative_difference(
       scale = max(float(np.max(np.abs(e), initial=0.0)), 1e-30)
       worst = max(worst, float(np.max(np.abs(a - e), initial=0.0)) / scale)
   return worst
+
+
+CONVENTIONS = ["pytorch", "keras", "optax", "paper"]
+
+
+def scaled(convention: str, lr: float = 1e-2, **options) -> optax.GradientTransformation:
+  """``scale_by_amsgrad`` followed by a plain ``-lr`` step."""
+  return optax.chain(
+      optax_amsgrad.scale_by_amsgrad(convention=convention, **options),
+      optax.scale(-lr),
+  )

@@ -21,7 +21,8 @@ STATE_ROUNDINGS = ("stochastic", "nearest")
 
 # Storage dtypes whose exponent range cannot hold |g|**2 for ordinary
 # gradients: float16 overflows at |g| > 256 and flushes |g| < 2.4e-4 to zero.
-_NARROW_RANGE_NU_DTYPES = (jnp.dtype(jnp.float16),)
+# The second moment holds |g|**2: its storage needs float32's exponent range.
+_FLOAT32_MAXEXP = int(np.finfo(np.float32).maxexp)
 
 # How many differing paths a message lists before it stops.
 _MAX_LISTED = 5
@@ -228,11 +229,14 @@ def resolve_storage_dtype(name: str, dtype: Any) -> jnp.dtype | None:
     raise TypeError(
         f"{name} must be a floating-point or complex dtype; got {resolved}."
     )
-  if name == "nu_dtype" and _real_dtype(resolved) in _NARROW_RANGE_NU_DTYPES:
+  storage_info = jnp.finfo(_real_dtype(resolved))  # type: ignore[no-untyped-call]
+  largest = float(storage_info.max)
+  if name == "nu_dtype" and int(storage_info.maxexp) < _FLOAT32_MAXEXP:
     raise ValueError(
-        f"{name}={resolved} cannot hold the second moment |g|**2: float16 "
-        "overflows for |g| > 256 and underflows for |g| < 2.4e-4. Use "
-        "jnp.bfloat16 (same size, float32's range) or jnp.float32."
+        f"{name}={resolved} cannot hold the second moment |g|**2: its largest "
+        f"value is {largest:g}, so |g| > {largest**0.5:g} overflows (float16: "
+        "|g| > 256) and small gradients underflow. Use jnp.bfloat16 (two bytes "
+        "with float32's range) or jnp.float32."
     )
   return resolved
 

@@ -304,6 +304,7 @@ def test_state_rounding_and_seed():
         ({"mu_dtype": jnp.int32}, TypeError, "mu_dtype must be a floating-point"),
         ({"nu_dtype": "float31"}, TypeError, "nu_dtype must be a dtype"),
         ({"nu_dtype": jnp.float16}, ValueError, "nu_dtype=float16 cannot hold"),
+        ({"nu_dtype": jnp.float8_e4m3fn}, ValueError, "nu_dtype=float8_e4m3fn cannot hold"),
     ],
 )
 def test_storage_dtypes(kwargs, error, pattern):

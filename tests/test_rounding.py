@@ -552,3 +552,23 @@ def test_bfloat16_state_follows_the_reference_to_its_precision(convention):
   )
   expected = run_reference(grads, params, learning_rate=1e-2, convention=convention)
   assert max_relative_difference(actual, expected) < 5e-3
+
+
+def test_vmapped_ensemble_members_get_their_own_streams_from_injected_seeds():
+  # A static seed is shared by every member of a vmapped ensemble; injecting
+  # it gives each member its own rounding stream, and equal seeds equal bits.
+  solver = optax.inject_hyperparams(
+      optax_amsgrad.amsgrad, static_args=("b1", "b2", "eps", "eps_root")
+  )(learning_rate=1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16, seed=0)
+
+  def init(params, seed):
+    state = solver.init(params)
+    return state._replace(hyperparams={**state.hyperparams, "seed": seed})
+
+  params = jnp.stack([jnp.linspace(-1.0, 1.0, 1000)] * 3)
+  grads = jnp.stack([jnp.sin(jnp.arange(1000.0) / 7.0)] * 3)
+  states = jax.vmap(init)(params, jnp.array([0, 1, 0]))
+  _, states = jax.jit(jax.vmap(solver.update))(grads, states, params)
+  mu = np.asarray(optax.tree.get(states, "mu").astype(jnp.float32))
+  assert np.any(mu[0] != mu[1])
+  np.testing.assert_array_equal(mu[0], mu[2])

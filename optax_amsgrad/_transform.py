@@ -92,14 +92,13 @@ def _coefficients(
     eps_root: jax.typing.ArrayLike,
 ) -> _Coefficients:
   t = count.astype(dtype)
+  # Complements and bias corrections are taken from the hyperparameters as
+  # given (host float64 when concrete), before they are cast to ``dtype``.
   one_minus_b1 = _complement(b1, dtype)
   one_minus_b2 = _complement(b2, dtype)
-  b1_host, b2_host = b1, b2
-  b1 = jnp.asarray(b1, dtype)
-  b2 = jnp.asarray(b2, dtype)
+  bias_correction1 = _bias_correction(b1, t)
+  bias_correction2 = _bias_correction(b2, t)
   one = jnp.ones([], dtype)
-  bias_correction1 = _bias_correction(b1_host, t)
-  bias_correction2 = _bias_correction(b2_host, t)
   # Exactly 1 (t is a finite count), but computed rather than a constant. A
   # constant 1 is folded away, which leaves ``maximum(nu_max, v)`` as a kernel
   # with no scalar operand, and XLA:CPU compiles such kernels with a loop
@@ -115,8 +114,8 @@ def _coefficients(
     numerator = 1 / bias_correction1
     nu_max_scale = 1 / bias_correction2
   return _Coefficients(
-      b1=b1,
-      b2=b2,
+      b1=jnp.asarray(b1, dtype),
+      b2=jnp.asarray(b2, dtype),
       one_minus_b1=one_minus_b1,
       one_minus_b2=one_minus_b2,
       eps=jnp.asarray(eps, dtype),

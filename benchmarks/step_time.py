@@ -87,20 +87,28 @@ FULL_COMPILE_LEAVES = [1, 10, 100, 500]
 QUICK_COMPILE_LEAVES = [1, 10, 50]
 COMPILE_LEAF_SIZE = 2_000
 
-# name -> (optimizer factory, donate, kind of step for the byte count)
-JAX_VARIANTS: dict[str, tuple[Callable[[], optax.GradientTransformation], bool, str]] = {
-    "ours": (lambda: optax_amsgrad.amsgrad(LEARNING_RATE), True, "amsgrad"),
+# name -> (optimizer factory, donate, kind of step for the byte count, how
+# the step is taken: "update" (solver.update, then optax.apply_updates) or
+# "apply_step" (optax_amsgrad.apply_step))
+JAX_VARIANTS: dict[
+    str, tuple[Callable[[], optax.GradientTransformation], bool, str, str]
+] = {
+    "ours": (lambda: optax_amsgrad.amsgrad(LEARNING_RATE), True, "amsgrad", "update"),
+    "ours.apply_step": (
+        lambda: optax_amsgrad.amsgrad(LEARNING_RATE), True, "amsgrad", "apply_step"
+    ),
     "ours_flat": (
-        lambda: flatten_by_dtype(optax_amsgrad.amsgrad(LEARNING_RATE)), True, "amsgrad"
+        lambda: flatten_by_dtype(optax_amsgrad.amsgrad(LEARNING_RATE)), True, "amsgrad",
+        "update",
     ),
-    "optax.amsgrad": (lambda: optax.amsgrad(LEARNING_RATE), True, "amsgrad"),
+    "optax.amsgrad": (lambda: optax.amsgrad(LEARNING_RATE), True, "amsgrad", "update"),
     "optax.amsgrad_no_donation": (
-        lambda: optax.amsgrad(LEARNING_RATE), False, "amsgrad"
+        lambda: optax.amsgrad(LEARNING_RATE), False, "amsgrad", "update"
     ),
-    "optax.adam": (lambda: optax.adam(LEARNING_RATE), True, "adam"),
+    "optax.adam": (lambda: optax.adam(LEARNING_RATE), True, "adam", "update"),
 }
 TORCH_VARIANTS = {"torch_fused": {"fused": True}, "torch_foreach": {"foreach": True}}
-COMPILE_VARIANTS = ["ours", "ours_flat", "optax.amsgrad"]
+COMPILE_VARIANTS = ["ours", "ours.apply_step", "ours_flat", "optax.amsgrad"]
 
 
 def cpu_threads() -> int:
@@ -152,7 +160,10 @@ def tree_bytes(tree: Any) -> int:
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
-def step_function(opt: optax.GradientTransformation) -> Callable[..., Any]:
+def step_function(opt: optax.GradientTransformation, call: str) -> Callable[..., Any]:
+  if call == "apply_step":
+    return lambda params, state, grads: optax_amsgrad.apply_step(opt, grads, state, params)
+
   def step(params, state, grads):
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
@@ -161,8 +172,10 @@ def step_function(opt: optax.GradientTransformation) -> Callable[..., Any]:
 
 
 def count_fusions(hlo_text: str) -> int:
+  """Kernels of the compiled step: XLA fusions and calls of the CPU handlers."""
   entry = hlo_text.split("\nENTRY", 1)[-1]
-  return sum(1 for line in entry.splitlines() if " fusion(" in line)
+  return sum(1 for line in entry.splitlines()
+             if " fusion(" in line or " custom-call(" in line)
 
 
 def analyse(compiled: Any, n_params: int) -> dict[str, Any]:
@@ -184,7 +197,7 @@ class JaxVariant:
   """A jitted step of an Optax optimizer, with its own params and state."""
 
   def __init__(self, name: str, leaf_sizes: list[int], grads: dict[str, jax.Array]):
-    factory, donate, self.kind = JAX_VARIANTS[name]
+    factory, donate, self.kind, call = JAX_VARIANTS[name]
     self.name = name
     opt = factory()
     params = make_params(leaf_sizes)
@@ -192,7 +205,7 @@ class JaxVariant:
     self.grads = grads
     self.n_params = sum(leaf_sizes)
     self.state_bytes = tree_bytes(state)
-    jitted = jax.jit(step_function(opt), donate_argnums=(0, 1) if donate else ())
+    jitted = jax.jit(step_function(opt, call), donate_argnums=(0, 1) if donate else ())
     start = time.perf_counter()
     compiled = jitted.trace(params, state, grads).lower().compile()
     self.info = {
@@ -335,11 +348,11 @@ def compile_sweep(leaves_list: list[int], leaf_size: int) -> list[dict[str, Any]
     grads = make_grads(sizes, 0)
     for variant in COMPILE_VARIANTS:
       jax.clear_caches()
-      factory, donate, _ = JAX_VARIANTS[variant]
+      factory, donate, _, call = JAX_VARIANTS[variant]
       opt = factory()
       params = make_params(sizes)
       state = opt.init(params)
-      jitted = jax.jit(step_function(opt), donate_argnums=(0, 1) if donate else ())
+      jitted = jax.jit(step_function(opt, call), donate_argnums=(0, 1) if donate else ())
       t0 = time.perf_counter()
       traced = jitted.trace(params, state, grads)
       t1 = time.perf_counter()
@@ -397,18 +410,19 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
 
 
 def print_tables(report: dict[str, Any]) -> None:
-  names = ["ours", "ours_flat", "optax.amsgrad", "optax.amsgrad_no_donation",
-           "optax.adam", "torch_fused", "torch_foreach"]
+  names = ["ours", "ours.apply_step", "ours_flat", "optax.amsgrad",
+           "optax.amsgrad_no_donation", "optax.adam", "torch_fused", "torch_foreach"]
+  limit_names = ("ours", "ours.apply_step", "ours_flat", "optax.amsgrad", "torch_fused")
   print("\nStep time relative to optax.amsgrad (jit, donated); medians:")
   print("| params | " + " | ".join(names) + " | fraction of the limit, "
-        "ours / ours_flat / optax.amsgrad / torch_fused |")
+        + " / ".join(limit_names) + " |")
   print("|---" * (len(names) + 2) + "|")
   for case in report["cases"]:
     v = case["variants"]
     ratios = [fmt(v[k]["ratio_vs_optax.amsgrad"]) if k in v else "-" for k in names]
     fractions = " / ".join(
         fmt(v[k]["fraction_of_limit"]) if k in v else "-"
-        for k in ("ours", "ours_flat", "optax.amsgrad", "torch_fused")
+        for k in limit_names
     )
     print(f"| {case['name']} | " + " | ".join(ratios) + f" | {fractions} |")
 
@@ -427,16 +441,18 @@ def print_tables(report: dict[str, Any]) -> None:
 
   if any("torch_fused" in c["variants"] for c in report["cases"]):
     print("\nRatio to torch fused (< 1: faster than torch):")
-    print("| params | ours | ours_flat | optax.amsgrad |")
-    print("|---|---|---|---|")
+    torch_names = ("ours", "ours.apply_step", "ours_flat", "optax.amsgrad")
+    print("| params | " + " | ".join(torch_names) + " |")
+    print("|---" * (len(torch_names) + 1) + "|")
     for case in report["cases"]:
       v = case["variants"]
       print(f"| {case['name']} | " + " | ".join(
-          fmt(v[k].get("ratio_vs_torch_fused")) for k in ("ours", "ours_flat", "optax.amsgrad")
+          fmt(v[k].get("ratio_vs_torch_fused")) for k in torch_names
       ) + " |")
 
   jax_names = list(JAX_VARIANTS)
-  print("\nCompiled step: fusions / bytes accessed per param (XLA cost model) / "
+  print("\nCompiled step: kernels (XLA fusions and handler calls) / bytes accessed per "
+        "param (XLA cost model; a handler call counts as 0) / "
         "temporaries as a fraction of the state:")
   print("| params | " + " | ".join(jax_names) + " |")
   print("|---" * (len(jax_names) + 1) + "|")
@@ -472,7 +488,8 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
   except ImportError:
     return False
-  names = ["ours", "ours_flat", "optax.amsgrad", "optax.adam", "torch_fused", "torch_foreach"]
+  names = ["ours", "ours.apply_step", "ours_flat", "optax.amsgrad", "optax.adam",
+           "torch_fused", "torch_foreach"]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
   cases = report["cases"]
   width = 0.8 / len(names)

@@ -7,6 +7,7 @@ from optax_amsgrad._flat import (
     ravel_by_dtype,
     unravel_by_dtype,
 )
+from optax_amsgrad._step import apply_step
 from optax_amsgrad._transform import (
     Convention,
     ScaleByAmsgradState,
@@ -24,6 +25,7 @@ __all__ = [
     "__version__",
     "amsgrad",
     "amsgradw",
+    "apply_step",
     "flatten_by_dtype",
     "ravel_by_dtype",
     "scale_by_amsgrad",

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import optax
 
-from optax_amsgrad import _validation
+from optax_amsgrad import _step, _validation
 from optax_amsgrad._transform import (
     Convention,
     ScalarOrSchedule,
@@ -75,20 +75,19 @@ def amsgrad(
     <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
   """
   _validation.check_learning_rate(learning_rate)
-  return optax.chain(
-      scale_by_amsgrad(
-          b1=b1,
-          b2=b2,
-          eps=eps,
-          eps_root=eps_root,
-          convention=convention,
-          mu_dtype=mu_dtype,
-          nu_dtype=nu_dtype,
-          state_rounding=state_rounding,
-          seed=seed,
-      ),
-      optax.scale_by_learning_rate(learning_rate),
+  core = scale_by_amsgrad(
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      convention=convention,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      state_rounding=state_rounding,
+      seed=seed,
   )
+  solver = optax.chain(core, optax.scale_by_learning_rate(learning_rate))
+  return _step.register(solver, core, learning_rate)
 
 
 def amsgradw(
@@ -153,18 +152,20 @@ def amsgradw(
   """
   _validation.check_learning_rate(learning_rate)
   _validation.check_non_negative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_amsgrad(
-          b1=b1,
-          b2=b2,
-          eps=eps,
-          eps_root=eps_root,
-          convention=convention,
-          mu_dtype=mu_dtype,
-          nu_dtype=nu_dtype,
-          state_rounding=state_rounding,
-          seed=seed,
-      ),
+  core = scale_by_amsgrad(
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      convention=convention,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      state_rounding=state_rounding,
+      seed=seed,
+  )
+  solver = optax.chain(
+      core,
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+  return _step.register(solver, core, learning_rate, weight_decay, mask)

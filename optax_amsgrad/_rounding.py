@@ -116,6 +116,7 @@ def random_bits(
     buffer: str,
     leaf_index: int,
     part: str = "real",
+    index: jax.Array | None = None,
 ) -> jax.Array:
   """Uniform uint32 bits, distinct per element, step, buffer, leaf and seed.
 
@@ -124,10 +125,12 @@ def random_bits(
   elements), and for one element they are a bijection of the per-array key.
   The high bits are the well-mixed ones. The index is the flat row-major
   position in the global array, so sharded arrays get the same bits as
-  unsharded ones.
+  unsharded ones. A shard computed on its own (inside ``shard_map`` or a
+  custom partitioning) passes its elements' global positions as ``index``.
   """
   key = stream_key(seed, count, buffer, leaf_index, part)
-  index = lax.iota(jnp.uint32, _size(shape)).reshape(shape)
+  if index is None:
+    index = lax.iota(jnp.uint32, _size(shape)).reshape(shape)
   bits: jax.Array = (index ^ key) * jnp.uint32(_MULTIPLIERS[buffer, part])
   return bits
 
@@ -247,6 +250,7 @@ def store(
     count: jax.typing.ArrayLike,
     buffer: str,
     leaf_index: int,
+    index: jax.Array | None = None,
 ) -> jax.Array:
   """Casts a moment ``x`` to ``storage_dtype``, stochastically when narrowing.
 
@@ -260,6 +264,8 @@ def store(
       fresh bits.
     buffer: ``"mu"`` or ``"nu"``; the two buffers get independent bits.
     leaf_index: position of the leaf in the flattened tree.
+    index: the flat row-major position of each element of ``x`` in the whole
+      leaf (uint32, shaped like ``x``); by default its position in ``x``.
 
   Returns:
     ``x`` in ``storage_dtype``. With stochastic rounding the result is one of
@@ -292,6 +298,7 @@ def store(
         buffer=buffer,
         leaf_index=leaf_index,
         part=part,
+        index=index,
     )
     if value.dtype == jnp.float32 and real_storage == jnp.bfloat16:
       parts.append(_round_float32_to_bfloat16(value, bits >> 16))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_amsgrad import _rounding, _validation
+from optax_amsgrad import _moments, _validation
 
 Convention = Literal["pytorch", "keras", "optax", "paper"]
 StateRounding = Literal["stochastic", "nearest"]
@@ -59,6 +60,32 @@ class _Coefficients(NamedTuple):
   numerator: jax.Array
   denominator: jax.Array
   nu_max_scale: jax.Array
+
+
+class Applying(NamedTuple):
+  """How a step moves the params (see ``apply_function``)."""
+
+  step_size: jax.typing.ArrayLike
+  weight_decay: jax.typing.ArrayLike
+  # A tree of bools shaped like the params: where the weight decay applies.
+  decay: Any
+
+
+# update function of a scale_by_amsgrad -> its apply function.
+_APPLY_FUNCTIONS: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def apply_function(
+    transformation: optax.GradientTransformation,
+) -> Callable[..., tuple[optax.Params, ScaleByAmsgradState]] | None:
+  """``(grads, state, params, applying) -> (params, state)`` for a
+  ``scale_by_amsgrad`` transformation: its update followed by
+  ``p + step_size * (u + weight_decay * p)`` (the decay where
+  ``applying.decay``), in one pass per leaf where the CPU handler covers it.
+  None for any other transformation."""
+  return _APPLY_FUNCTIONS.get(transformation.update)
 
 
 def _complement(x: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.Array:
@@ -124,60 +151,6 @@ def _coefficients(
       denominator=denominator,
       nu_max_scale=nu_max_scale,
   )
-
-
-def _saturate(g: jax.Array, real_dtype: jnp.dtype) -> jax.Array:
-  """``g`` with every finite magnitude above ``sqrt(finfo.max) / 2`` brought
-  down to it (complex values keep their phase); inf and NaN pass unchanged.
-
-  ``|g|**2`` is then at most a quarter of the largest float, and so are ``v``
-  and every intermediate of the update (``v / (1 - b2**t) <= max |g|**2``),
-  so no overflow can turn ``v_max`` into inf and the update into 0 for good.
-  Below the limit (9.2e18 in float32, 6.7e153 in float64) ``g`` is untouched.
-  """
-  limit = float(np.sqrt(np.finfo(real_dtype).max)) / 2
-  if not jnp.iscomplexobj(g):
-    return jnp.where(jnp.isinf(g), g, jnp.clip(g, -limit, limit))
-  magnitude = jnp.abs(g)
-  large = (magnitude > limit) & ~jnp.isinf(magnitude)
-  # The inner where keeps limit / magnitude finite (and its derivative) where
-  # the outer one does not take it.
-  safe = jnp.where(large, magnitude, limit)
-  return jnp.where(large, g * (limit / safe).astype(g.dtype), g)
-
-
-def _moments(
-    g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array, c: _Coefficients
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The new moments ``m``, ``v`` and ``max(v_max, v * nu_max_scale)`` of one
-  leaf, in the compute dtype. Complex ``g`` and ``m`` use ``|g|**2`` for the
-  second moment, as Optax does. Gradients too large for their square to be
-  represented are saturated first (see ``_saturate``); the step depends on
-  ``m / sqrt(v_max)``, so an isolated huge gradient still gives the step exact
-  arithmetic would."""
-  g = _saturate(g, c.b2.dtype)
-  m = c.b1 * m + c.one_minus_b1 * g
-  v = c.b2 * v + c.one_minus_b2 * (g.real * g.real + g.imag * g.imag
-                               if jnp.iscomplexobj(g) else g * g)
-  v_max = jnp.maximum(v_max, v * c.nu_max_scale)
-  return m, v, v_max
-
-
-def _update(m: jax.Array, v_max: jax.Array, c: _Coefficients) -> jax.Array:
-  """The AMSGrad direction from the new ``m`` and ``v_max``."""
-  return m * c.numerator / (jnp.sqrt(v_max * c.denominator + c.eps_root) + c.eps)
-
-
-def _real_dtype(dtype: jnp.dtype) -> jnp.dtype:
-  return jnp.finfo(dtype).dtype  # type: ignore[no-untyped-call]
-
-
-def _compute_dtypes(param_dtype: jnp.dtype) -> tuple[jnp.dtype, jnp.dtype]:
-  """(dtype of m and the update, real dtype of v): at least float32."""
-  real = jnp.promote_types(_real_dtype(param_dtype), jnp.float32)
-  if jnp.issubdtype(param_dtype, jnp.complexfloating):
-    return jnp.promote_types(real, jnp.complex64), real
-  return real, real
 
 
 def _zeros_like(param: Any, dtype: jnp.dtype) -> jax.Array:
@@ -299,7 +272,7 @@ def scale_by_amsgrad(
       # The dtype names a precision; the first moment of complex params is
       # complex.
       return jnp.promote_types(mu_storage_dtype, jnp.complex64)
-    return _real_dtype(mu_storage_dtype)
+    return _moments.real_dtype(mu_storage_dtype)
 
   def nu_storage(param_dtype: jnp.dtype) -> jnp.dtype:
     # float16 cannot hold |g|**2 for |g| > 256, so its moments default to
@@ -308,7 +281,7 @@ def scale_by_amsgrad(
     dtype = nu_storage_dtype if nu_storage_dtype is not None else jnp.dtype(default)
     if split_complex and jnp.issubdtype(param_dtype, jnp.complexfloating):
       return jnp.promote_types(dtype, jnp.complex64)
-    return _real_dtype(dtype)
+    return _moments.real_dtype(dtype)
 
   def init_fn(params: optax.Params) -> ScaleByAmsgradState:
     _validation.check_params_dtypes(params, what="params")
@@ -325,12 +298,14 @@ def scale_by_amsgrad(
         nu_max=zeros(nu_storage),
     )
 
-  def update_fn(
+  def step_fn(
       updates: optax.Updates,
       state: ScaleByAmsgradState,
-      params: optax.Params | None = None,
+      params: optax.Params | None,
+      applying: Applying | None,
   ) -> tuple[optax.Updates, ScaleByAmsgradState]:
-    del params
+    """The updates and new state or, with ``applying``, the params after the
+    step and the new state."""
     _validation.check_state(state, ScaleByAmsgradState, name="scale_by_amsgrad")
     updates = _validation.check_updates_match_state(
         updates, state.mu, name="scale_by_amsgrad"
@@ -350,47 +325,27 @@ def scale_by_amsgrad(
         )
       return coefficients_by_dtype[dtype]
 
-    def store(x: jax.Array, like: jax.Array, buffer: str, index: int) -> jax.Array:
-      return _rounding.store(
-          x,
-          like.dtype,
-          stochastic=state_rounding == "stochastic",
-          seed=seed_bits,
-          count=count,
-          buffer=buffer,
-          leaf_index=index,
-      )
-
     def leaf_step(
-        index: int, g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array
+        index: int, g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array,
+        p: jax.Array | None, decay: bool,
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-      m_dtype, v_dtype = _compute_dtypes(g.dtype)
-      c = coefficients(v_dtype)
-      g_c = g.astype(m_dtype)
-      m_c = m.astype(m_dtype)
-      split = split_complex and jnp.iscomplexobj(g)
-      if split:
-        v_c, v_max_c = v.astype(m_dtype), v_max.astype(m_dtype)
-        parts = [
-            _moments(part(g_c), part(m_c), part(v_c), part(v_max_c), c)
-            for part in (jnp.real, jnp.imag)
-        ]
-        new_m, new_v, new_v_max = (
-            jax.lax.complex(re, im) for re, im in zip(*parts, strict=True)
+      c = coefficients(_moments.compute_dtypes(g.dtype)[1])
+      moment_coefficients = _moments.MomentCoefficients(
+          c.b1, c.b2, c.one_minus_b1, c.one_minus_b2, c.nu_max_scale
+      )
+      direction = _moments.Direction(c.eps, c.eps_root, c.numerator, c.denominator)
+      rounding = _moments.Rounding(state_rounding == "stochastic", seed_bits, count, index)
+      if applying is not None and p is not None:
+        step = _moments.Step(
+            jnp.asarray(applying.step_size), jnp.asarray(applying.weight_decay), decay
         )
-      else:
-        new_m, new_v, new_v_max = _moments(
-            g_c, m_c, v.astype(v_dtype), v_max.astype(v_dtype), c
+        return _moments.stepped(
+            moment_coefficients, direction, step, g, p, m, v, v_max,
+            rounding=rounding, split_complex=split_complex,
         )
-      # nu_max is rounded to nearest (never to zero), which is monotone: the
-      # stored value is the rounded true maximum (of v and of the stored nu,
-      # so nu <= nu_max holds in the state), never below the previous one and
-      # never ratcheted upwards by rounding noise.
-      stored_m = store(new_m, m, "mu", index)
-      stored_v = store(new_v, v, "nu", index)
-      stored_v_max = _rounding.store_max(
-          new_v_max, v_max.dtype, stochastic=state_rounding == "stochastic",
-          at_least=stored_v, scale=c.nu_max_scale,
+      stored_m, stored_v, stored_v_max = _moments.stored(
+          moment_coefficients, g, m, v, v_max,
+          rounding=rounding, split_complex=split_complex,
       )
       # The update reads the stored moments, cast back up (exactly the
       # computed ones when the storage is not narrower). With narrow storage
@@ -398,32 +353,25 @@ def scale_by_amsgrad(
       # in place: an update taken from the unrounded moments makes XLA
       # recompute them in the update's kernel from the old, donated state,
       # which it must then copy first.
-      m_u = stored_m.astype(m_dtype)
-      if split:
-        v_max_u = stored_v_max.astype(m_dtype)
-        new_u = jax.lax.complex(
-            *(_update(part(m_u), part(v_max_u), c) for part in (jnp.real, jnp.imag))
-        )
-      else:
-        new_u = _update(m_u, stored_v_max.astype(v_dtype), c)
-      if (state_rounding != "stochastic" and v.dtype != new_v.dtype
-          and not jnp.iscomplexobj(v)):
-        # A no-op (nu_max is never negative) that orders the store of nu
-        # after the nu_max kernel, the last one to read the old nu: without
-        # it XLA copies the old, donated nu before overwriting it. Not with
-        # stochastic rounding, where the nu_max kernel also reads the stored
-        # nu: XLA then keeps the rounded nu in a temporary of the same size
-        # and an extra pass, slower than the copy.
-        stored_v = jnp.where(stored_v_max < 0, stored_v_max, stored_v)
-      return new_u.astype(g.dtype), stored_m, stored_v, stored_v_max
+      new_u = _moments.update_from_stored(
+          stored_m, stored_v_max, direction, g.dtype, split_complex=split_complex
+      )
+      return new_u, stored_m, stored_v, stored_v_max
 
     g_leaves, treedef_ = jax.tree.flatten(updates)
     # PyTreeDef's stubs lack flatten_up_to and unflatten.
     treedef: Any = treedef_
     stacks = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.nu_max)]
+    if applying is not None:
+      p_leaves = treedef.flatten_up_to(params)
+      decays = treedef.flatten_up_to(applying.decay)
+    else:
+      p_leaves = decays = [None] * len(g_leaves)
     results = [
-        leaf_step(i, g, m, v, v_max)
-        for i, (g, m, v, v_max) in enumerate(zip(g_leaves, *stacks, strict=True))
+        leaf_step(i, g, m, v, v_max, p, bool(decay))
+        for i, (g, m, v, v_max, p, decay) in enumerate(
+            zip(g_leaves, *stacks, p_leaves, decays, strict=True)
+        )
     ]
     new_updates, new_mu, new_nu, new_nu_max = (
         treedef.unflatten([r[k] for r in results]) for k in range(4)
@@ -432,4 +380,21 @@ def scale_by_amsgrad(
         count=count, mu=new_mu, nu=new_nu, nu_max=new_nu_max
     )
 
+  def update_fn(
+      updates: optax.Updates,
+      state: ScaleByAmsgradState,
+      params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, ScaleByAmsgradState]:
+    del params
+    return step_fn(updates, state, None, None)
+
+  def apply_fn(
+      grads: optax.Updates,
+      state: ScaleByAmsgradState,
+      params: optax.Params,
+      applying: Applying,
+  ) -> tuple[optax.Params, ScaleByAmsgradState]:
+    return step_fn(grads, state, params, applying)
+
+  _APPLY_FUNCTIONS[update_fn] = apply_fn
   return optax.GradientTransformation(init_fn, update_fn)

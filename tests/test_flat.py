@@ -269,7 +269,8 @@ def test_resumed_run_is_bit_identical(tmp_path):
 def test_compiled_step_has_few_kernels_per_leaf():
   # The point of the layout: the state update is a few kernels over the whole
   # buffer, whatever the number of leaves; only the final cut into leaves
-  # (fused with apply_updates) costs one kernel per leaf.
+  # (fused with apply_updates) costs one kernel per leaf. Kernels are XLA
+  # fusions and calls of the CPU moment handler.
   params = {f"b{i:03d}": jnp.zeros(16, jnp.float32) for i in range(40)}
 
   def fusions(solver):
@@ -279,9 +280,10 @@ def test_compiled_step_has_few_kernels_per_leaf():
 
     text = jax.jit(step).lower(params, solver.init(params), params).compile().as_text()
     entry = text.split("\nENTRY", 1)[1]
-    return sum(" fusion(" in line for line in entry.splitlines())
+    return sum(" fusion(" in line or " custom-call(" in line
+               for line in entry.splitlines())
 
   tree = fusions(optax_amsgrad.amsgrad(1e-3))
   flat = fusions(flatten_by_dtype(optax_amsgrad.amsgrad(1e-3)))
-  assert tree >= 3 * len(params)
+  assert tree >= 2 * len(params)
   assert flat <= len(params) + 10

@@ -70,6 +70,29 @@ def test_fully_sharded_update_has_no_collectives(eight_devices):
     ) >= 1
 
 
+def test_apply_step_on_shards_has_no_collectives(eight_devices):
+  report, _ = eight_devices
+  fsdp = report["fsdp"]
+  for opt in ("pytorch", "optax_bfloat16", "amsgradw", "paper_b1_schedule"):
+    assert fsdp[f"Auto/{opt}"]["apply_step_collectives"] == {}, opt
+    # Stochastic rounding of a shard needs the elements' global positions,
+    # which the handler does not know: those shards round in XLA.
+    assert fsdp[f"Auto/{opt}"]["apply_step_one_pass"] == (opt != "optax_bfloat16"), opt
+  assert fsdp["Explicit/pytorch"]["apply_step_collectives"] == {}
+
+
+def test_sharded_rounding_follows_global_positions(eight_devices):
+  report, _ = eight_devices
+  results = report["sharded_rounding"]
+  # Same path on both sides: bit-identical, bfloat16 rounding included.
+  assert results["xla/bfloat16_stochastic"]["differ"] == 0
+  assert results["xla/float32"]["differ"] == 0
+  assert results["default/float32"]["differ"] == 0
+  # Handler on one device, XLA on the shards: a rare flipped decision.
+  entry = results["default/bfloat16_stochastic"]
+  assert entry["differ"] <= 1e-3 * entry["total"]
+
+
 def test_fully_sharded_state_is_split_evenly(eight_devices):
   report, _ = eight_devices
   entry = report["fsdp"]["Auto/pytorch"]

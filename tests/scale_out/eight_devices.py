@@ -230,6 +230,14 @@ def check_fsdp_collectives(report: dict[str, Any]) -> None:
           jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
       )
       entry: dict[str, Any] = {"collectives": count_collectives(compiled.as_text())}
+      if opt_name in ("pytorch", "optax_bfloat16", "amsgradw", "paper_b1_schedule"):
+        # The same step in one call: one pass per shard, no communication.
+        applied = jax.jit(
+            lambda p, s, g, opt=opt: optax_amsgrad.apply_step(opt, g, s, p),
+            donate_argnums=(0, 1),
+        ).lower(params, state, params).compile().as_text()
+        entry["apply_step_collectives"] = count_collectives(applied)
+        entry["apply_step_one_pass"] = "optax_amsgrad_step" in applied
       if opt_name == "pytorch":
         leaves = [leaf for _, leaf in moments(state)]
         entry["state_bytes_total"] = sum(leaf.nbytes for leaf in leaves)
@@ -243,6 +251,56 @@ def check_fsdp_collectives(report: dict[str, Any]) -> None:
         entry["param_bytes_total"] = sum(p.nbytes for p in params.values())
       results[f"{axis_type.name}/{opt_name}"] = entry
   report["fsdp"] = results
+
+
+def check_sharded_rounding(report: dict[str, Any]) -> None:
+  """bfloat16 state after steps on sharded params against one device: the
+  random bits follow each element's global position, so with the XLA path on
+  both sides the states are bit-identical. By default one device runs the
+  CPU handler and the shards round in XLA (the handler sees only its shard),
+  which differ where XLA fuses a multiply-add: rarely a rounding decision."""
+  from optax_amsgrad import _cpu_kernel
+
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+  results: dict[str, Any] = {}
+  for path in ("xla", "default"):
+    supports = _cpu_kernel.supports
+    if path == "xla":
+      _cpu_kernel.supports = lambda *dtypes: False
+    try:
+      for kind, options in (
+          ("bfloat16_stochastic", {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}),
+          ("float32", {}),
+      ):
+        opt = optax_amsgrad.amsgrad(1e-2, **options)
+        states = {}
+        for where in ("sharded", "single"):
+          params = {
+              name: jnp.linspace(-1, 1, int(np.prod(shape)), dtype=jnp.float32).reshape(shape)
+              for name, (shape, _) in FSDP_LAYOUT.items()
+          }
+          if where == "sharded":
+            params = {name: jax.device_put(x, NamedSharding(mesh, FSDP_LAYOUT[name][1]))
+                      for name, x in params.items()}
+          else:
+            params = jax.device_put(params, jax.devices()[0])
+
+          @jax.jit
+          def step(params, state, t, opt=opt):
+            grads = jax.tree.map(lambda p_leaf: jnp.sin(7 * p_leaf + t) * (1 + t), params)
+            return optax_amsgrad.apply_step(opt, grads, state, params)
+
+          state = opt.init(params)
+          for t in range(5):
+            params, state = step(params, state, jnp.float32(t))
+          states[where] = [np.asarray(leaf, np.float64) for _, leaf in moments(state)]
+        differ = sum(int(np.sum(a != b)) for a, b in
+                     zip(states["sharded"], states["single"], strict=True))
+        total = sum(a.size for a in states["single"])
+        results[f"{path}/{kind}"] = {"differ": differ, "total": total}
+    finally:
+      _cpu_kernel.supports = supports
+  report["sharded_rounding"] = results
 
 
 def check_data_parallel(report: dict[str, Any], out: Path) -> None:
@@ -268,6 +326,7 @@ def main() -> None:
   check_init(report)
   check_steps(report)
   check_fsdp_collectives(report)
+  check_sharded_rounding(report)
   check_data_parallel(report, out)
   (out / "results.json").write_text(json.dumps(report, indent=1))
 

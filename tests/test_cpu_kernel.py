@@ -1,0 +1,263 @@
+"""The one-pass CPU handler against the XLA path and the float64 reference.
+
+On CPU the moment update runs in the compiled handler (csrc/amsgrad_cpu.cc)
+for real float32/bfloat16/float64 leaves; everything else, and every other
+platform, takes the XLA path. The handler evaluates the same operations in the
+same order; XLA:CPU contracts some ``a * b + c`` into fused multiply-adds, so
+the two agree to one rounding per operation, not always bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_amsgrad
+from optax_amsgrad import _cpu_kernel
+
+from gradients import TREE_SHAPES, initial_params, spiky_gradients
+from reference import run_reference
+from trajectories import CONVENTIONS, max_relative_difference, run_optax, scaled
+
+TARGET = "optax_amsgrad_moments"
+
+
+@contextlib.contextmanager
+def xla_path():
+  """Every leaf takes the XLA path while tracing inside this block (jit
+  caches traces per function: trace a fresh one here)."""
+  supports = _cpu_kernel.supports
+  _cpu_kernel.supports = lambda *dtypes: False
+  try:
+    yield
+  finally:
+    _cpu_kernel.supports = supports
+
+
+def _compiled_text(solver, params) -> str:
+  state = solver.init(params)
+  return jax.jit(lambda *args: solver.update(*args)).lower(
+      params, state, params).compile().as_text()
+
+
+def test_handler_is_built_and_registered():
+  # CI installs the package with its compiled handler; without a compiler
+  # the package still works, on the XLA path, and this test says so.
+  assert _cpu_kernel.available()
+
+
+@pytest.mark.parametrize(
+    ("param_dtype", "options", "uses_kernel"),
+    [
+        (jnp.float32, {}, True),
+        (jnp.float64, {}, True),
+        (jnp.bfloat16, {}, True),
+        (jnp.float32, {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}, True),
+        (jnp.float32, {"nu_dtype": jnp.bfloat16, "state_rounding": "nearest"}, True),
+        (jnp.float16, {}, False),
+        (jnp.complex64, {}, False),
+        (jnp.float64, {"nu_dtype": jnp.float32}, False),
+    ],
+)
+def test_handler_is_used_for_the_dtypes_it_covers(param_dtype, options, uses_kernel):
+  solver = optax_amsgrad.scale_by_amsgrad(**options)
+  params = {"w": jnp.ones((7, 3), param_dtype)}
+  assert (TARGET in _compiled_text(solver, params)) == uses_kernel
+  with xla_path():
+    assert TARGET not in _compiled_text(solver, params)
+
+
+def _as64(x) -> np.ndarray:
+  return np.asarray(x, np.float64)
+
+
+def _identical(a, b) -> np.ndarray:
+  a, b = _as64(a), _as64(b)
+  return (a == b) | (np.isnan(a) & np.isnan(b))
+
+
+def _agree(a, b, scale, storage_dtype, compute_dtype) -> np.ndarray:
+  """Where the two paths agree: equal (NaN with NaN), or apart by at most
+  four roundings of the compute dtype relative to ``scale`` (the magnitude
+  of the terms summed: a fused multiply-add rounds once where the handler
+  rounds twice, so in cancellation the results differ by more than an ulp
+  of the result), or, in a narrower storage dtype, by one storage step (a
+  stochastic rounding decision on the other side of a threshold)."""
+  equal = _identical(a, b)
+  a, b = _as64(a), _as64(b)
+  with np.errstate(invalid="ignore"):
+    close = np.abs(a - b) <= 4 * float(jnp.finfo(compute_dtype).eps) * scale
+    step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(b), 1e-300)))
+                   - jnp.finfo(storage_dtype).nmant)
+    neighbour = np.abs(a - b) <= step
+  return equal | close | neighbour
+
+
+def _gradients(rng: np.random.Generator, shape, step: int) -> np.ndarray:
+  """Gradients over many scales, with zeros, subnormals, values beyond the
+  saturation limit, and in a few steps infinities and NaN."""
+  g = rng.normal(size=shape) * 10.0 ** rng.integers(-6, 4, size=shape)
+  flat = g.reshape(-1)
+  flat[::17] = 0.0
+  flat[5::23] = 1e-40
+  flat[7::29] = 3e30 * np.sign(flat[7::29] + 0.5)
+  if step == 3:
+    flat[11::31] = np.inf
+    flat[13::37] = np.nan
+  return g
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize(
+    ("param_dtype", "options"),
+    [
+        (jnp.float32, {}),
+        (jnp.float64, {}),
+        (jnp.bfloat16, {}),
+        (jnp.float32, {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}),
+        (jnp.float32, {"nu_dtype": jnp.bfloat16, "state_rounding": "nearest"}),
+        (jnp.float32, {"mu_dtype": jnp.bfloat16}),
+    ],
+)
+def test_handler_matches_the_xla_path_step_by_step(convention, param_dtype, options):
+  # From the same state, one step by each path. The two differ only where
+  # XLA fuses a multiply and an add: by a few roundings of the terms, and
+  # with narrow storage by one storage step where a rounding decision flips,
+  # which must be rare. Infinities and NaN land in the same places.
+  b1, b2 = 0.9, 0.999
+  solver = optax_amsgrad.scale_by_amsgrad(b1, b2, convention=convention, **options)
+  shape = (300, 257)
+  rng = np.random.default_rng(0)
+  state = solver.init(jnp.zeros(shape, param_dtype))
+  kernel_step = jax.jit(lambda g, state: solver.update(g, state))
+  with xla_path():
+    xla_step = jax.jit(lambda g, state: solver.update(g, state)).lower(
+        jnp.zeros(shape, param_dtype), state).compile()
+  compute = jnp.promote_types(param_dtype, jnp.float32)
+  limit = np.sqrt(float(jnp.finfo(compute).max)) / 2
+  for step in range(6):
+    g = jnp.asarray(_gradients(rng, shape, step), param_dtype)
+    u_kernel, s_kernel = kernel_step(g, state)
+    u_xla, s_xla = xla_step(g, state)
+    g64 = _as64(g)
+    g64 = np.where(np.isinf(g64), g64, np.clip(g64, -limit, limit))
+    t = step + 1
+    # "optax" keeps nu_max bias-corrected.
+    nu_max_scale = 1 / (1 - b2**t) if convention == "optax" else 1.0
+    nu_scale = b2 * np.abs(_as64(state.nu)) + (1 - b2) * g64**2
+    scales = {
+        "mu": b1 * np.abs(_as64(state.mu)) + (1 - b1) * np.abs(g64),
+        "nu": nu_scale,
+        "nu_max": np.maximum(_as64(state.nu_max), nu_scale * nu_max_scale),
+    }
+    for name in scales:
+      a, b = getattr(s_kernel, name), getattr(s_xla, name)
+      assert a.dtype == b.dtype
+      agree = _agree(a, b, scales[name], b.dtype, compute)
+      assert agree.all(), (step, name, _as64(a)[~agree][:5], _as64(b)[~agree][:5])
+      if jnp.finfo(b.dtype).nmant < jnp.finfo(compute).nmant:
+        assert np.mean(~_identical(a, b)) < 2e-3, (step, name)
+    # Where both paths stored the same moments, the updates agree to a few
+    # roundings of the update itself.
+    same = _identical(s_kernel.mu, s_xla.mu) & _identical(s_kernel.nu_max, s_xla.nu_max)
+    u_agree = _agree(u_kernel, u_xla, np.abs(_as64(u_xla)), u_xla.dtype, u_xla.dtype)
+    assert u_agree[same].all(), step
+    assert same.mean() > 0.5
+    assert int(s_kernel.count) == int(s_xla.count)
+    state = s_xla
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_both_paths_follow_the_reference_in_float64(convention):
+  shapes = TREE_SHAPES["mixed"]
+  grads = spiky_gradients(shapes, 300, seed=11)
+  params = initial_params(shapes)
+  expected = run_reference(grads, params, learning_rate=1e-2, convention=convention)
+  assert max_relative_difference(run_optax(scaled(convention), grads, params),
+                                 expected) < 1e-12
+  with xla_path():
+    actual = run_optax(scaled(convention), grads, params)
+  assert max_relative_difference(actual, expected) < 1e-12
+
+
+def test_nu_max_stays_a_running_maximum_of_the_stored_nu_in_bfloat16():
+  solver = optax_amsgrad.scale_by_amsgrad(
+      mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16, convention="optax"
+  )
+  rng = np.random.default_rng(1)
+  state = solver.init(jnp.zeros(5000, jnp.float32))
+  step = jax.jit(solver.update)
+  previous = np.zeros(5000)
+  for t in range(1, 200):
+    scale = 10.0 if t % 50 == 0 else 1.0 / t
+    _, state = step(jnp.asarray(rng.normal(size=5000) * scale, jnp.float32), state)
+    nu_max = np.asarray(state.nu_max, np.float64)
+    nu = np.asarray(state.nu, np.float64)
+    bias_correction = 1 - 0.999**t
+    assert np.all(nu_max >= previous)
+    # "optax" keeps the bias-corrected maximum; the stored nu, rounded the
+    # same way, stays below it.
+    assert np.all(nu_max >= np.asarray(
+        jnp.asarray(nu / bias_correction, jnp.float32).astype(jnp.bfloat16), np.float64
+    ) * (1 - 2**-8))
+    previous = nu_max
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}]
+)
+def test_vmapped_members_equal_separate_runs(options):
+  # Under vmap the handler takes the batch as rows, each with its own
+  # hyperparameters and rounding stream: bit-identical to separate runs.
+  def make(lr, b2, seed):
+    return optax.inject_hyperparams(optax_amsgrad.amsgrad)(
+        learning_rate=lr, b2=b2, seed=seed, **options
+    )
+
+  lrs = jnp.array([1e-2, 3e-3, 1e-3], jnp.float32)
+  b2s = jnp.array([0.99, 0.999, 0.95], jnp.float32)
+  seeds = jnp.array([0, 1, 2], jnp.uint32)
+  params = {"w": jnp.linspace(-1, 1, 640, dtype=jnp.float32).reshape(20, 32),
+            "b": jnp.zeros((32,), jnp.float32)}
+  grads = [jax.tree.map(lambda x, t=t: jnp.sin(3 * x + t) + 0.1 * t, params)
+           for t in range(20)]
+
+  def run(lr, b2, seed):
+    solver = make(lr, b2, seed)
+    p, state = params, solver.init(params)
+    for g in grads:
+      u, state = solver.update(g, state, p)
+      p = optax.apply_updates(p, u)
+    return p, state.inner_state[0]
+
+  batched = jax.jit(jax.vmap(run))(lrs, b2s, seeds)
+  for i in range(3):
+    single = jax.jit(run)(lrs[i], b2s[i], seeds[i])
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(batched), strict=True):
+      np.testing.assert_array_equal(np.asarray(a, np.float64),
+                                    np.asarray(b[i], np.float64))
+  # The members really differ: the rows got their own scalars.
+  assert not np.array_equal(batched[0]["w"][0], batched[0]["w"][1])
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}]
+)
+def test_donated_state_is_updated_in_place(options):
+  solver = optax_amsgrad.amsgrad(1e-3, **options)
+  params = {"w": jnp.ones((1000, 1000), jnp.float32)}
+  state = solver.init(params)
+
+  def step(params, state, grads):
+    updates, state = solver.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+  assert TARGET in compiled.as_text()
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  assert compiled.memory_analysis().temp_size_in_bytes < 0.01 * state_bytes

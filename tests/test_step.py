@@ -1,0 +1,212 @@
+"""apply_step: the update and apply_updates in one call (one pass on CPU)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_amsgrad
+
+from gradients import TREE_SHAPES, initial_params, spiky_gradients
+from reference import run_reference
+from trajectories import CONVENTIONS, max_relative_difference
+
+STEP_TARGET = "optax_amsgrad_step"
+
+
+def run_apply_step(solver, grads, params, *, dtype=None):
+  """Params after each step by apply_step, as NumPy arrays."""
+  cast = (lambda x: jnp.asarray(x, dtype)) if dtype is not None else jnp.asarray
+  params = jax.tree.map(cast, params)
+  stacked = jax.tree.map(lambda *g: cast(np.stack(g)), *grads)
+
+  @jax.jit
+  def run(params, stacked):
+    def step(carry, g):
+      params, state = optax_amsgrad.apply_step(solver, g, *carry[::-1])
+      return (params, state), params
+
+    _, history = jax.lax.scan(step, (params, solver.init(params)), stacked)
+    return history
+
+  history = jax.device_get(run(params, stacked))
+  return [{k: np.asarray(v[i]) for k, v in history.items()} for i in range(len(grads))]
+
+
+def run_two_calls(solver, grads, params, *, dtype=None):
+  """The same trajectory by solver.update and optax.apply_updates."""
+  cast = (lambda x: jnp.asarray(x, dtype)) if dtype is not None else jnp.asarray
+  params = jax.tree.map(cast, params)
+  state = solver.init(params)
+  step = jax.jit(lambda g, s, p: solver.update(g, s, p))
+  out = []
+  for g in grads:
+    updates, state = step(jax.tree.map(cast, g), state, params)
+    params = optax.apply_updates(params, updates)
+    out.append(jax.tree.map(np.asarray, params))
+  return out
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_follows_the_reference_in_float64(convention):
+  shapes = TREE_SHAPES["mixed"]
+  grads = spiky_gradients(shapes, 500, seed=21)
+  params = initial_params(shapes)
+  expected = run_reference(grads, params, learning_rate=1e-2, convention=convention)
+  actual = run_apply_step(optax_amsgrad.amsgrad(1e-2, convention=convention), grads, params)
+  assert max_relative_difference(actual, expected) < 1e-12
+
+
+def test_decoupled_weight_decay_and_schedule_follow_the_reference():
+  shapes = TREE_SHAPES["deep"]
+  grads = spiky_gradients(shapes, 300, seed=22)
+  params = initial_params(shapes)
+  # A schedule in float64 arithmetic: optax's built-in schedules compute in
+  # float32, which would put their own rounding between the two runs.
+  def schedule(count):
+    return 1e-2 / (1.0 + jnp.asarray(count, jnp.float64) / 50)
+
+  expected = run_reference(
+      grads, params, learning_rate=lambda t: 1e-2 / (1.0 + t / 50), weight_decay=0.1
+  )
+  solver = optax_amsgrad.amsgradw(schedule, weight_decay=0.1)
+  assert max_relative_difference(run_apply_step(solver, grads, params), expected) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("mask", "decayed"),
+    [
+        (lambda p: {"kernel": True, "bias": False, "scalar": False}, {"kernel"}),
+        ({"kernel": False, "bias": True, "scalar": True}, {"bias", "scalar"}),
+        (None, {"kernel", "bias", "scalar"}),
+    ],
+)
+def test_weight_decay_mask_selects_the_leaves(mask, decayed):
+  shapes = TREE_SHAPES["mixed"]
+  grads = spiky_gradients(shapes, 50, seed=23)
+  params = initial_params(shapes)
+  solver = optax_amsgrad.amsgradw(1e-2, weight_decay=0.5, mask=mask)
+  actual = run_apply_step(solver, grads, params)
+  with_decay = run_reference(grads, params, learning_rate=1e-2, weight_decay=0.5)
+  without = run_reference(grads, params, learning_rate=1e-2)
+  for name in shapes:
+    expected = with_decay if name in decayed else without
+    error = max_relative_difference([{name: a[name]} for a in actual],
+                                    [{name: e[name]} for e in expected])
+    assert error < 1e-12, name
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optax_amsgrad.amsgrad(1e-2),
+        lambda: optax_amsgrad.amsgrad(optax.cosine_decay_schedule(1e-2, 40)),
+        lambda: optax_amsgrad.amsgradw(1e-2, weight_decay=0.0),
+        lambda: optax_amsgrad.amsgradw(1e-2, mask=lambda p: {"kernel": True, "bias": False,
+                                                            "scalar": True}),
+        lambda: optax_amsgrad.amsgrad(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+        lambda: optax_amsgrad.amsgrad(1e-2, convention="optax", nu_dtype=jnp.bfloat16,
+                                      state_rounding="nearest"),
+        # Not made by amsgrad/amsgradw: the two calls, whatever the solver.
+        lambda: optax.inject_hyperparams(optax_amsgrad.amsgrad)(learning_rate=1e-2),
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), optax_amsgrad.amsgrad(1e-2)),
+        lambda: optax.adam(1e-2),
+    ],
+)
+def test_float32_matches_update_and_apply_updates(make):
+  # One rounding per operation apart at most (XLA fuses some multiply-adds
+  # that the one-pass kernel rounds separately), over 40 steps; the state
+  # ends up the same tree, with the same step counts.
+  solver = make()
+  shapes = TREE_SHAPES["mixed"]
+  grads = spiky_gradients(shapes, 40, seed=24)
+  params = initial_params(shapes)
+  fused = run_apply_step(solver, grads, params, dtype=jnp.float32)
+  separate = run_two_calls(solver, grads, params, dtype=jnp.float32)
+  assert max_relative_difference(fused, separate) < 1e-5
+  p32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  state = solver.init(p32)
+  g32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grads[0])
+  _, fused_state = optax_amsgrad.apply_step(solver, g32, state, p32)
+  _, separate_state = solver.update(g32, state, p32)
+  assert jax.tree.structure(fused_state) == jax.tree.structure(separate_state)
+  for a, b in zip(jax.tree.leaves(fused_state), jax.tree.leaves(separate_state),
+                  strict=True):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if jnp.issubdtype(a.dtype, jnp.integer):
+      assert int(a) == int(b)
+
+
+def _compiled(solver, params, donate=True):
+  state = solver.init(params)
+  step = jax.jit(lambda p, s, g: optax_amsgrad.apply_step(solver, g, s, p),
+                 donate_argnums=(0, 1) if donate else ())
+  return step.lower(params, state, params).compile(), state
+
+
+@pytest.mark.parametrize(
+    ("solver", "one_pass"),
+    [
+        (optax_amsgrad.amsgrad(1e-3), True),
+        (optax_amsgrad.amsgradw(1e-3, mask=lambda p: {"w": True}), True),
+        (optax_amsgrad.amsgrad(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16), True),
+        (optax.inject_hyperparams(optax_amsgrad.amsgrad)(learning_rate=1e-3), False),
+    ],
+)
+def test_one_pass_per_leaf_in_place(solver, one_pass):
+  params = {"w": jnp.ones((1000, 1000), jnp.float32)}
+  compiled, state = _compiled(solver, params)
+  text = compiled.as_text()
+  entry = text.split("\nENTRY", 1)[1]
+  assert (STEP_TARGET in entry) == one_pass
+  if one_pass:
+    # Nothing but the handler touches the full-size buffers.
+    big_fusions = [line for line in entry.splitlines()
+                   if " fusion(" in line and "[1000,1000]" in line.split("=")[1][:40]]
+    assert big_fusions == []
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  assert compiled.memory_analysis().temp_size_in_bytes < 0.01 * state_bytes
+
+
+def test_complex_and_float16_leaves_take_the_two_calls():
+  params = {"c": jnp.ones((3, 2), jnp.complex64), "h": jnp.ones((4,), jnp.float16),
+            "w": jnp.ones((5,), jnp.float32)}
+  solver = optax_amsgrad.amsgrad(1e-2)
+  compiled, _ = _compiled(solver, params, donate=False)
+  assert compiled.as_text().count(f'custom_call_target="{STEP_TARGET}"') == 1
+  grads = jax.tree.map(lambda x: (x * 0.5).astype(x.dtype), params)
+  state = solver.init(params)
+  fused, _ = optax_amsgrad.apply_step(solver, grads, state, params)
+  updates, _ = solver.update(grads, state, params)
+  separate = optax.apply_updates(params, updates)
+  for name in params:
+    np.testing.assert_allclose(np.asarray(fused[name]), np.asarray(separate[name]),
+                               rtol=1e-3)
+
+
+def test_vmapped_members_equal_separate_runs():
+  solver = optax_amsgrad.amsgradw(1e-2, weight_decay=0.1)
+  params = {"w": jnp.linspace(-1, 1, 96, dtype=jnp.float32).reshape(8, 12)}
+  scales = jnp.array([0.5, 1.0, 2.0], jnp.float32)
+
+  def run(scale):
+    p, state = params, solver.init(params)
+    for t in range(10):
+      g = jax.tree.map(lambda x, t=t: scale * jnp.sin(x + t), p)
+      p, state = optax_amsgrad.apply_step(solver, g, state, p)
+    return p
+
+  batched = jax.jit(jax.vmap(run))(scales)
+  for i in range(3):
+    np.testing.assert_array_equal(np.asarray(jax.jit(run)(scales[i])["w"]),
+                                  np.asarray(batched["w"][i]))
+
+
+def test_needs_params():
+  solver = optax_amsgrad.amsgrad(1e-2)
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match="apply_step needs the params"):
+    optax_amsgrad.apply_step(solver, params, solver.init(params), None)

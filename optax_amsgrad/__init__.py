@@ -1,6 +1,7 @@
 """AMSGrad for JAX and Optax, following PyTorch, Keras, Optax or the paper."""
 
 from optax_amsgrad._alias import amsgrad, amsgradw
+from optax_amsgrad._cpu_kernel import available as cpu_kernel_available
 from optax_amsgrad._flat import (
     FlatState,
     flatten_by_dtype,
@@ -26,6 +27,7 @@ __all__ = [
     "amsgrad",
     "amsgradw",
     "apply_step",
+    "cpu_kernel_available",
     "flatten_by_dtype",
     "ravel_by_dtype",
     "scale_by_amsgrad",

@@ -10,6 +10,8 @@ where each leaf runs; this module only registers and calls the handlers.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +52,16 @@ _SUPPORTED = {
 
 @functools.cache
 def available() -> bool:
-  """Whether the compiled handlers are present and registered with XLA:CPU.
+  """Whether the compiled CPU handlers are present and registered with XLA.
 
-  They are absent when the package was installed without a C++ compiler;
-  the XLA path then does all the work.
+  They are built when the package is installed with a C++17 compiler at
+  hand, and absent otherwise; every step then takes the XLA path, with the
+  same results to within a rounding per operation, only slower on CPU.
+
+  Examples:
+    >>> import optax_amsgrad
+    >>> optax_amsgrad.cpu_kernel_available()
+    True
   """
   try:
     from optax_amsgrad import _amsgrad_cpu  # type: ignore[attr-defined]
@@ -97,64 +105,77 @@ def _like(*arrays: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
   )
 
 
-def moments(
+def _call(
+    target: str,
     coefficients: jax.Array,
     keys: jax.Array,
-    g: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    v_max: jax.Array,
-    *,
-    stochastic: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The stored ``m``, ``v`` and ``v_max`` after one step, in one pass.
-
-  Args:
-    coefficients: from :func:`pack`, in the compute dtype.
-    keys: the uint32 stochastic-rounding stream keys of ``m`` and ``v``.
-    g, m, v, v_max: one leaf, all of one shape.
-    stochastic: the ``state_rounding="stochastic"`` mode.
-
-  Returns:
-    The new ``m``, ``v`` and ``v_max`` in their dtypes, written over the old
-    ones when those are donated.
-  """
+    leaves: Sequence[Sequence[jax.Array]],
+    num_results: int,
+    **attributes: Any,
+) -> list[tuple[jax.Array, ...]]:
+  """One call for all leaves; the last ``num_results`` operands of each leaf
+  are written over by its results."""
+  operands = [x for leaf in leaves for x in leaf]
+  per_leaf = len(leaves[0])
+  results = [x for leaf in leaves for x in leaf[per_leaf - num_results:]]
+  aliases = {
+      2 + per_leaf * i + (per_leaf - num_results) + j: num_results * i + j
+      for i in range(len(leaves))
+      for j in range(num_results)
+  }
   call = jax.ffi.ffi_call(
-      _TARGETS["moments"],
-      _like(m, v, v_max),
-      input_output_aliases={3: 0, 4: 1, 5: 2},
-      # The handler takes leading batch dimensions: one row of coefficients
+      target,
+      _like(*results),
+      input_output_aliases=aliases,
+      # The handlers take leading batch dimensions: one row of coefficients
       # and keys per batch element.
       vmap_method="broadcast_all",
   )
-  m, v, v_max = call(coefficients, keys, g, m, v, v_max, stochastic=np.bool_(stochastic))
-  return m, v, v_max
+  flat = call(coefficients, keys, *operands, **attributes)
+  return [tuple(flat[num_results * i: num_results * (i + 1)]) for i in range(len(leaves))]
+
+
+def moments(
+    coefficients: jax.Array,
+    keys: jax.Array,
+    leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
+    *,
+    stochastic: bool,
+) -> list[tuple[jax.Array, ...]]:
+  """The stored ``m``, ``v`` and ``v_max`` of each leaf after one step, in one
+  pass over all of them.
+
+  Args:
+    coefficients: from :func:`pack`, in the compute dtype.
+    keys: the uint32 stochastic-rounding stream keys, ``[..., leaf, (m, v)]``.
+    leaves: ``(g, m, v, v_max)`` per leaf, all of one shape within a leaf and
+      of one set of dtypes across leaves.
+    stochastic: the ``state_rounding="stochastic"`` mode.
+
+  Returns:
+    ``(m, v, v_max)`` per leaf, written over the old ones when those are
+    donated.
+  """
+  return _call(_TARGETS["moments"], coefficients, keys, leaves, 3,
+               stochastic=np.bool_(stochastic),
+               leaf_flags=np.zeros(len(leaves), np.int64))
 
 
 def step(
     coefficients: jax.Array,
     keys: jax.Array,
-    g: jax.Array,
-    p: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    v_max: jax.Array,
+    leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]],
     *,
     stochastic: bool,
-    decay: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    decay: Sequence[bool],
+) -> list[tuple[jax.Array, ...]]:
   """:func:`moments`, and the params after the step, in one pass.
 
-  The params move by ``step_size * (u + weight_decay * p)`` (the decay only
-  with ``decay``), where ``u`` is the AMSGrad direction from the stored
-  moments; ``p`` and ``g`` are in the compute dtype.
+  ``leaves`` holds ``(g, p, m, v, v_max)``; the params move by
+  ``step_size * (u + weight_decay * p)`` (the decay where ``decay`` says so),
+  where ``u`` is the AMSGrad direction from the stored moments; ``p`` and
+  ``g`` are in the compute dtype. Returns ``(p, m, v, v_max)`` per leaf.
   """
-  call = jax.ffi.ffi_call(
-      _TARGETS["step"],
-      _like(p, m, v, v_max),
-      input_output_aliases={3: 0, 4: 1, 5: 2, 6: 3},
-      vmap_method="broadcast_all",
-  )
-  p, m, v, v_max = call(coefficients, keys, g, p, m, v, v_max,
-                        stochastic=np.bool_(stochastic), decay=np.bool_(decay))
-  return p, m, v, v_max
+  return _call(_TARGETS["step"], coefficients, keys, leaves, 4,
+               stochastic=np.bool_(stochastic),
+               decay=np.asarray(decay, np.int64))

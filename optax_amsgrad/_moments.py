@@ -14,6 +14,7 @@ shard where the arrays live (no gathering), like the elementwise XLA path.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -190,62 +191,59 @@ def xla_stored(
   return stored_m, stored_v, stored_v_max
 
 
-def kernel_supports(
+def kernel_signature(
     g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array, p: jax.Array | None = None
-) -> bool:
-  """Whether the CPU handlers cover this leaf (real dtypes they are built
-  for; for the step, params and gradients in the compute dtype)."""
+) -> tuple[Any, ...] | None:
+  """The dtypes that put a leaf in a handler call, or None where the CPU
+  handlers do not cover it (complex, float16, mixed precision other than
+  bfloat16 storage, params outside the compute dtype for the step)."""
   _, v_dtype = compute_dtypes(g.dtype)
   if p is not None and not (p.dtype == g.dtype == v_dtype):
-    return False
-  return v_max.dtype == v.dtype and _cpu_kernel.supports(v_dtype, g.dtype, m.dtype, v.dtype)
+    return None
+  if v_max.dtype != v.dtype or not _cpu_kernel.supports(v_dtype, g.dtype, m.dtype, v.dtype):
+    return None
+  return (v_dtype, g.dtype, m.dtype, v.dtype, p is not None)
 
 
-def stored(
+def stored_together(
     c: MomentCoefficients,
-    g: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    v_max: jax.Array,
+    leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
     *,
-    rounding: Rounding,
-    split_complex: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The stored ``m``, ``v`` and ``v_max`` of one leaf: by the CPU handler
-  when the leaf is compiled for XLA:CPU and the handler covers its dtypes,
-  by XLA otherwise."""
-  if not kernel_supports(g, m, v, v_max):
-    return xla_stored(c, g, m, v, v_max, rounding=rounding, split_complex=split_complex)
-  call = _KernelCall(rounding.stochastic, rounding.leaf_index, apply=False, decay=False)
-  values = c._asdict()
-  return _dispatch(call, values, rounding, (g, m, v, v_max))  # type: ignore[return-value]
+    stochastic: bool,
+    seed: jax.Array,
+    step_count: jax.Array,
+    leaf_indices: Sequence[int],
+) -> list[tuple[jax.Array, ...]]:
+  """The stored ``(m, v, v_max)`` of leaves ``(g, m, v, v_max)`` that share a
+  ``kernel_signature``: one handler call for all of them on XLA:CPU, the XLA
+  path elsewhere."""
+  call = _KernelCall(stochastic, tuple(leaf_indices), False, (False,) * len(leaves))
+  return _dispatch(call, c._asdict(), seed, step_count, leaves)
 
 
-def stepped(
+def stepped_together(
     c: MomentCoefficients,
     d: Direction,
-    step: Step,
-    g: jax.Array,
-    p: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    v_max: jax.Array,
+    step_size: jax.Array,
+    weight_decay: jax.Array,
+    leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]],
     *,
-    rounding: Rounding,
-    split_complex: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The params after the step and the stored ``m``, ``v`` and ``v_max``: in
-  one pass by the CPU handler where it covers the leaf, by XLA otherwise."""
-  if not kernel_supports(g, m, v, v_max, p):
-    return _xla_stepped(c, d, step, g, p, m, v, v_max, rounding=rounding,
-                        split_complex=split_complex)
-  call = _KernelCall(rounding.stochastic, rounding.leaf_index, apply=True, decay=step.decay)
-  values = {**c._asdict(), **d._asdict(), "step_size": step.step_size,
-            "weight_decay": step.weight_decay}
-  return _dispatch(call, values, rounding, (g, p, m, v, v_max))  # type: ignore[return-value]
+    decay: Sequence[bool],
+    stochastic: bool,
+    seed: jax.Array,
+    step_count: jax.Array,
+    leaf_indices: Sequence[int],
+) -> list[tuple[jax.Array, ...]]:
+  """``(p, m, v, v_max)`` after the step for leaves ``(g, p, m, v, v_max)``
+  that share a ``kernel_signature``: one pass over all of them on XLA:CPU,
+  the XLA path elsewhere."""
+  call = _KernelCall(stochastic, tuple(leaf_indices), True, tuple(bool(x) for x in decay))
+  values = {**c._asdict(), **d._asdict(), "step_size": step_size,
+            "weight_decay": weight_decay}
+  return _dispatch(call, values, seed, step_count, leaves)
 
 
-def _xla_stepped(
+def xla_stepped(
     c: MomentCoefficients,
     d: Direction,
     step: Step,
@@ -259,6 +257,7 @@ def _xla_stepped(
     split_complex: bool,
     index: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(p, m, v, v_max)`` after the step for one leaf, by XLA."""
   new_m, new_v, new_v_max = xla_stored(
       c, g, m, v, v_max, rounding=rounding, split_complex=split_complex, index=index
   )
@@ -286,51 +285,75 @@ class _KernelCall(NamedTuple):
   """The static part of one handler call."""
 
   stochastic: bool
-  leaf_index: int
+  leaf_indices: tuple[int, ...]
   apply: bool
-  decay: bool
+  decay: tuple[bool, ...]
+
+  @property
+  def arrays_per_leaf(self) -> int:
+    return 5 if self.apply else 4
+
+  def subset(self, positions: Sequence[int]) -> _KernelCall:
+    return _KernelCall(self.stochastic, tuple(self.leaf_indices[i] for i in positions),
+                       self.apply, tuple(self.decay[i] for i in positions))
 
 
-# The handler's scalar operands: every coefficient, then seed and count; the
-# arrays follow (g, [p,] m, v, v_max).
+# The scalar operands of a handler call: every coefficient, then seed and
+# count; the arrays of each leaf follow (g, [p,] m, v, v_max).
 _NUM_SCALARS = len(_cpu_kernel.COEFFICIENTS) + 2
+
+
+def _split(
+    call: _KernelCall, operands: Sequence[Any]
+) -> tuple[dict[str, Any], Any, Any, list[tuple[Any, ...]]]:
+  values = dict(zip(_cpu_kernel.COEFFICIENTS, operands, strict=False))
+  seed, count = operands[_NUM_SCALARS - 2], operands[_NUM_SCALARS - 1]
+  arrays = operands[_NUM_SCALARS:]
+  n = call.arrays_per_leaf
+  leaves = [tuple(arrays[i: i + n]) for i in range(0, len(arrays), n)]
+  return values, seed, count, leaves
 
 
 def _dispatch(
     call: _KernelCall,
     values: dict[str, jax.Array],
-    rounding: Rounding,
-    arrays: tuple[jax.Array, ...],
-) -> tuple[jax.Array, ...]:
-  dtype = compute_dtypes(arrays[0].dtype)[1]
+    seed: jax.Array,
+    step_count: jax.Array,
+    leaves: Sequence[tuple[jax.Array, ...]],
+) -> list[tuple[jax.Array, ...]]:
+  dtype = compute_dtypes(leaves[0][0].dtype)[1]
   scalars = [jnp.asarray(values.get(name, 0), dtype) for name in _cpu_kernel.COEFFICIENTS]
-  operands = (*scalars, rounding.seed, rounding.step_count, *arrays)
+  operands = (*scalars, seed, step_count, *(x for leaf in leaves for x in leaf))
   # Resolved when lowering: the handlers are registered for XLA:CPU only.
-  result: tuple[jax.Array, ...] = jax.lax.platform_dependent(
+  flat: tuple[jax.Array, ...] = jax.lax.platform_dependent(
       *operands,
       cpu=_kernel_function(call),
       default=functools.partial(_xla_call, call),
   )
-  return result
+  n = call.arrays_per_leaf - 1
+  return [tuple(flat[i: i + n]) for i in range(0, len(flat), n)]
 
 
 def _xla_call(
-    call: _KernelCall, *operands: jax.Array, index: jax.Array | None = None
+    call: _KernelCall, *operands: jax.Array,
+    indices: Sequence[jax.Array | None] | None = None,
 ) -> tuple[jax.Array, ...]:
-  """What the handler computes, by XLA, from the handler's operands."""
-  values = dict(zip(_cpu_kernel.COEFFICIENTS, operands, strict=False))
-  seed, count = operands[_NUM_SCALARS - 2 : _NUM_SCALARS]
-  arrays = operands[_NUM_SCALARS:]
+  """What the handler computes, by XLA, from the handler's operands (flat
+  results). ``indices`` gives each leaf's global element positions."""
+  values, seed, count, leaves = _split(call, operands)
   c = MomentCoefficients(**{k: values[k] for k in MomentCoefficients._fields})
-  rounding = Rounding(call.stochastic, seed, count, call.leaf_index)
-  if not call.apply:
-    g, m, v, v_max = arrays
-    return xla_stored(c, g, m, v, v_max, rounding=rounding, split_complex=False,
-                      index=index)
   d = Direction(**{k: values[k] for k in Direction._fields})
-  step = Step(values["step_size"], values["weight_decay"], call.decay)
-  return _xla_stepped(c, d, step, *arrays, rounding=rounding, split_complex=False,
-                      index=index)
+  out: list[jax.Array] = []
+  for i, leaf in enumerate(leaves):
+    rounding = Rounding(call.stochastic, seed, count, call.leaf_indices[i])
+    index = None if indices is None else indices[i]
+    if call.apply:
+      step = Step(values["step_size"], values["weight_decay"], call.decay[i])
+      out.extend(xla_stepped(c, d, step, *leaf, rounding=rounding, split_complex=False,
+                              index=index))
+    else:
+      out.extend(xla_stored(c, *leaf, rounding=rounding, split_complex=False, index=index))
+  return tuple(out)
 
 
 def _needs_keys(stochastic: bool, g: Any, m: Any, v: Any) -> bool:
@@ -340,38 +363,34 @@ def _needs_keys(stochastic: bool, g: Any, m: Any, v: Any) -> bool:
   )
 
 
-def _state_arrays(call: _KernelCall, arrays: tuple[Any, ...]) -> tuple[Any, Any, Any]:
-  """(m, v, v_max) among the array operands."""
-  m, v, v_max = arrays[-3:]
-  return m, v, v_max
-
-
 def _call_kernel(call: _KernelCall, *operands: jax.Array) -> tuple[jax.Array, ...]:
   """The handler on arrays with optional leading batch dimensions, shared by
   every scalar (one row per batch element)."""
-  dtype = compute_dtypes(operands[_NUM_SCALARS].dtype)[1]
-  values = dict(zip(_cpu_kernel.COEFFICIENTS, operands, strict=False))
+  values, seed, count, leaves = _split(call, operands)
+  g, m, v = leaves[0][0], leaves[0][-3], leaves[0][-2]
+  dtype = compute_dtypes(g.dtype)[1]
   packed = _cpu_kernel.pack(values, dtype)
-  seed, count = operands[_NUM_SCALARS - 2 : _NUM_SCALARS]
-  arrays = operands[_NUM_SCALARS:]
-  m, v, _ = _state_arrays(call, arrays)
-  if _needs_keys(call.stochastic, arrays[0], m, v):
-    keys = jnp.stack(
-        [_rounding.stream_key(seed, count, buffer, call.leaf_index)
-         for buffer in ("mu", "nu")],
-        axis=-1,
-    )
+  batch = packed.shape[:-1]
+  if _needs_keys(call.stochastic, g, m, v):
+    keys = jnp.stack([
+        jnp.stack([_rounding.stream_key(seed, count, buffer, index)
+                   for buffer in ("mu", "nu")], axis=-1)
+        for index in call.leaf_indices
+    ], axis=-2)
   else:
-    keys = jnp.zeros((*packed.shape[:-1], 2), jnp.uint32)
+    keys = jnp.zeros((*batch, len(leaves), 2), jnp.uint32)
   if call.apply:
-    return _cpu_kernel.step(packed, keys, *arrays, stochastic=call.stochastic,
-                            decay=call.decay)
-  return _cpu_kernel.moments(packed, keys, *arrays, stochastic=call.stochastic)
+    results = _cpu_kernel.step(packed, keys, leaves,
+                               stochastic=call.stochastic, decay=call.decay)
+  else:
+    results = _cpu_kernel.moments(packed, keys, leaves,
+                                  stochastic=call.stochastic)
+  return tuple(x for leaf in results for x in leaf)
 
 
 @functools.cache
 def _kernel_function(call: _KernelCall) -> Any:
-  """The handler with its rules: sharding (each device updates its shard),
+  """The handler with its rules: sharding (each device updates its shards),
   vmap (the batch as rows) and differentiation (the XLA path's derivative,
   for meta-gradients through the update)."""
   partitioned = _kernel_partitioned(call)
@@ -441,52 +460,80 @@ def _global_index(
 
 @functools.cache
 def _kernel_partitioned(call: _KernelCall) -> Any:
-  """The handler as a custom partitioning: each device updates its shard of
-  the state where it lives, like the elementwise XLA path."""
+  """The handler as a custom partitioning: each device updates its shards of
+  the state where they live, like the elementwise XLA path."""
   partitioned = custom_partitioning(  # type: ignore[no-untyped-call]
       functools.partial(_call_kernel, call)
   )
-  num_arrays = 5 if call.apply else 4
-  num_results = num_arrays - 1
+  per_leaf = call.arrays_per_leaf
 
-  def shardings(mesh: Any, arg_shapes: Any) -> tuple[Any, Any]:
-    # The state's sharding (of m) decides: g (and p) follow it, so the state
-    # never moves. Shardings without a mesh (rare) are replicated.
-    m_shape, _, _ = _state_arrays(call, arg_shapes[_NUM_SCALARS:])
-    state_sharding = m_shape.sharding
-    if not isinstance(state_sharding, NamedSharding):
-      state_sharding = NamedSharding(mesh, PartitionSpec())  # type: ignore[no-untyped-call]
-    return state_sharding, NamedSharding(mesh, PartitionSpec())  # type: ignore[no-untyped-call]
+  def leaf_shardings(mesh: Any, arg_shapes: Any) -> list[Any]:
+    # Each leaf's state sharding (of m) decides: its g (and p) follow, so the
+    # state never moves. Shardings without a mesh (rare) are replicated.
+    _, _, _, leaves = _split(call, arg_shapes)
+    shardings = []
+    for leaf in leaves:
+      sharding = leaf[-3].sharding
+      if not isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(mesh, PartitionSpec())  # type: ignore[no-untyped-call]
+      shardings.append(sharding)
+    return shardings
 
   def infer(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
-    state_sharding, _ = shardings(mesh, arg_shapes)
-    return (state_sharding,) * num_results
+    return tuple(s for s in leaf_shardings(mesh, arg_shapes) for _ in range(per_leaf - 1))
 
   def partition(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
-    state_sharding, scalar = shardings(mesh, arg_shapes)
-    arrays = arg_shapes[_NUM_SCALARS:]
-    spec = state_sharding.spec
-    sharded = any(entry is not None for entry in spec)
-    m_shape, v_shape, _ = _state_arrays(call, arrays)
-    keys_needed = _needs_keys(call.stochastic, arrays[0], m_shape, v_shape)
+    shardings = leaf_shardings(mesh, arg_shapes)
+    _, _, _, leaves = _split(call, arg_shapes)
+    # The random bits depend on each element's position in the whole leaf;
+    # the handler knows only the shard, so shards that round stochastically
+    # are rounded by XLA, with their global positions.
+    in_xla = [
+        any(entry is not None for entry in sharding.spec)
+        and _needs_keys(call.stochastic, leaf[0], leaf[-3], leaf[-2])
+        for sharding, leaf in zip(shardings, leaves, strict=True)
+    ]
+    on_kernel = [i for i, x in enumerate(in_xla) if not x]
+    on_xla = [i for i, x in enumerate(in_xla) if x]
 
     def lower(*operands: jax.Array) -> tuple[jax.Array, ...]:
-      if sharded and keys_needed:
-        # The random bits depend on each element's position in the whole
-        # leaf; the handler knows only the shard, so XLA rounds here, with
-        # the shard's global positions.
-        index = _global_index(arrays[0].shape, spec, mesh)
-        return _xla_call(call, *operands, index=index)
-      return _call_kernel(call, *operands)
+      scalars = operands[:_NUM_SCALARS]
+      _, _, _, local = _split(call, operands)
+      results: list[tuple[jax.Array, ...] | None] = [None] * len(local)
+      if on_kernel:
+        sub = call.subset(on_kernel)
+        flat = _call_kernel(sub, *scalars, *(x for i in on_kernel for x in local[i]))
+        n = per_leaf - 1
+        for k, i in enumerate(on_kernel):
+          results[i] = tuple(flat[k * n: (k + 1) * n])
+      if on_xla:
+        sub = call.subset(on_xla)
+        indices = [_global_index(leaves[i][0].shape, shardings[i].spec, mesh)
+                   for i in on_xla]
+        flat = _xla_call(sub, *scalars, *(x for i in on_xla for x in local[i]),
+                         indices=indices)
+        n = per_leaf - 1
+        for k, i in enumerate(on_xla):
+          results[i] = tuple(flat[k * n: (k + 1) * n])
+      return tuple(x for leaf in results for x in leaf)  # type: ignore[union-attr]
 
-    arg_shardings = (scalar,) * _NUM_SCALARS + (state_sharding,) * num_arrays
-    return mesh, lower, (state_sharding,) * num_results, arg_shardings
+    scalar = NamedSharding(mesh, PartitionSpec())  # type: ignore[no-untyped-call]
+    arg_shardings = (scalar,) * _NUM_SCALARS + tuple(
+        s for s in shardings for _ in range(per_leaf)
+    )
+    result_shardings = tuple(s for s in shardings for _ in range(per_leaf - 1))
+    return mesh, lower, result_shardings, arg_shardings
 
   def rule(mesh: Any, value_types: Any, result_types: Any) -> str:
-    rank = len(value_types[_NUM_SCALARS].shape)
-    factors = " ".join(f"d{i}" for i in range(rank))
-    operands = ", ".join([""] * _NUM_SCALARS + [factors] * num_arrays)
-    return f"{operands} -> " + ", ".join([factors] * num_results)
+    operands = [""] * _NUM_SCALARS
+    results = []
+    arrays = value_types[_NUM_SCALARS:]
+    for leaf in range(len(arrays) // per_leaf):
+      rank = len(arrays[leaf * per_leaf].shape)
+      factors = " ".join(f"l{leaf}d{i}" for i in range(rank))
+      operands += [factors] * per_leaf
+      results += [factors] * (per_leaf - 1)
+    return ", ".join(operands) + " -> " + ", ".join(results)
 
   partitioned.def_partition(  # type: ignore[no-untyped-call]
       partition=partition,

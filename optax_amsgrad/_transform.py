@@ -62,6 +62,12 @@ class _Coefficients(NamedTuple):
   nu_max_scale: jax.Array
 
 
+# Leaves per handler call: XLA's compile time grows faster than linearly in
+# the operands of one call, and beyond a few dozen leaves one call per leaf
+# group saves nothing at run time (benchmarks/README.md).
+_LEAVES_PER_CALL = 32
+
+
 class Applying(NamedTuple):
   """How a step moves the params (see ``apply_function``)."""
 
@@ -325,56 +331,91 @@ def scale_by_amsgrad(
         )
       return coefficients_by_dtype[dtype]
 
-    def leaf_step(
-        index: int, g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array,
-        p: jax.Array | None, decay: bool,
-    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-      c = coefficients(_moments.compute_dtypes(g.dtype)[1])
-      moment_coefficients = _moments.MomentCoefficients(
-          c.b1, c.b2, c.one_minus_b1, c.one_minus_b2, c.nu_max_scale
-      )
-      direction = _moments.Direction(c.eps, c.eps_root, c.numerator, c.denominator)
-      rounding = _moments.Rounding(state_rounding == "stochastic", seed_bits, count, index)
-      if applying is not None and p is not None:
-        step = _moments.Step(
-            jnp.asarray(applying.step_size), jnp.asarray(applying.weight_decay), decay
-        )
-        return _moments.stepped(
-            moment_coefficients, direction, step, g, p, m, v, v_max,
-            rounding=rounding, split_complex=split_complex,
-        )
-      stored_m, stored_v, stored_v_max = _moments.stored(
-          moment_coefficients, g, m, v, v_max,
-          rounding=rounding, split_complex=split_complex,
-      )
-      # The update reads the stored moments, cast back up (exactly the
-      # computed ones when the storage is not narrower). With narrow storage
-      # this keeps each buffer's new value a single producer that XLA writes
-      # in place: an update taken from the unrounded moments makes XLA
-      # recompute them in the update's kernel from the old, donated state,
-      # which it must then copy first.
-      new_u = _moments.update_from_stored(
-          stored_m, stored_v_max, direction, g.dtype, split_complex=split_complex
-      )
-      return new_u, stored_m, stored_v, stored_v_max
-
+    stochastic = state_rounding == "stochastic"
     g_leaves, treedef_ = jax.tree.flatten(updates)
     # PyTreeDef's stubs lack flatten_up_to and unflatten.
     treedef: Any = treedef_
-    stacks = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.nu_max)]
+    m_leaves, v_leaves, v_max_leaves = (
+        treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.nu_max)
+    )
     if applying is not None:
       p_leaves = treedef.flatten_up_to(params)
-      decays = treedef.flatten_up_to(applying.decay)
+      decays = [bool(x) for x in treedef.flatten_up_to(applying.decay)]
+      step_size = jnp.asarray(applying.step_size)
+      weight_decay = jnp.asarray(applying.weight_decay)
     else:
-      p_leaves = decays = [None] * len(g_leaves)
-    results = [
-        leaf_step(i, g, m, v, v_max, p, bool(decay))
-        for i, (g, m, v, v_max, p, decay) in enumerate(
-            zip(g_leaves, *stacks, p_leaves, decays, strict=True)
+      p_leaves = [None] * len(g_leaves)
+      decays = [False] * len(g_leaves)
+
+    def parts(dtype: jnp.dtype) -> tuple[_moments.MomentCoefficients, _moments.Direction]:
+      c = coefficients(_moments.compute_dtypes(dtype)[1])
+      return (
+          _moments.MomentCoefficients(
+              c.b1, c.b2, c.one_minus_b1, c.one_minus_b2, c.nu_max_scale
+          ),
+          _moments.Direction(c.eps, c.eps_root, c.numerator, c.denominator),
+      )
+
+    # (new params or updates, m, v, v_max) per leaf.
+    results: list[tuple[jax.Array, ...] | None] = [None] * len(g_leaves)
+    # Leaves the CPU handlers cover go through them together, one call per
+    # set of dtypes; the others leaf by leaf through XLA.
+    together: dict[tuple[Any, ...], list[list[int]]] = {}
+    for i, (g, m, v, v_max, p) in enumerate(
+        zip(g_leaves, m_leaves, v_leaves, v_max_leaves, p_leaves, strict=True)
+    ):
+      signature = _moments.kernel_signature(g, m, v, v_max, p)
+      if signature is not None:
+        chunks = together.setdefault(signature, [[]])
+        if len(chunks[-1]) == _LEAVES_PER_CALL:
+          chunks.append([])
+        chunks[-1].append(i)
+        continue
+      moment_coefficients, direction = parts(g.dtype)
+      rounding = _moments.Rounding(stochastic, seed_bits, count, i)
+      if p is not None:
+        step = _moments.Step(step_size, weight_decay, decays[i])
+        results[i] = _moments.xla_stepped(
+            moment_coefficients, direction, step, g, p, m, v, v_max,
+            rounding=rounding, split_complex=split_complex,
         )
-    ]
+      else:
+        stored = _moments.xla_stored(
+            moment_coefficients, g, m, v, v_max,
+            rounding=rounding, split_complex=split_complex,
+        )
+        results[i] = (_moments.update_from_stored(
+            stored[0], stored[2], direction, g.dtype, split_complex=split_complex
+        ), *stored)
+    for indices in (chunk for chunks in together.values() for chunk in chunks):
+      moment_coefficients, direction = parts(g_leaves[indices[0]].dtype)
+      rounding_args = {"stochastic": stochastic, "seed": seed_bits, "step_count": count,
+                       "leaf_indices": indices}
+      if applying is not None:
+        group = _moments.stepped_together(
+            moment_coefficients, direction, step_size, weight_decay,
+            [(g_leaves[i], p_leaves[i], m_leaves[i], v_leaves[i], v_max_leaves[i])
+             for i in indices],
+            decay=[decays[i] for i in indices], **rounding_args,
+        )
+        for i, leaf in zip(indices, group, strict=True):
+          results[i] = leaf
+      else:
+        group = _moments.stored_together(
+            moment_coefficients,
+            [(g_leaves[i], m_leaves[i], v_leaves[i], v_max_leaves[i]) for i in indices],
+            **rounding_args,
+        )
+        for i, (m, v, v_max) in zip(indices, group, strict=True):
+          # The update reads the stored moments, cast back up: with narrow
+          # storage, each buffer's new value then has a single producer that
+          # XLA writes in place.
+          u = _moments.update_from_stored(
+              m, v_max, direction, g_leaves[i].dtype, split_complex=split_complex
+          )
+          results[i] = (u, m, v, v_max)
     new_updates, new_mu, new_nu, new_nu_max = (
-        treedef.unflatten([r[k] for r in results]) for k in range(4)
+        treedef.unflatten([r[k] for r in results]) for k in range(4)  # type: ignore[index]
     )
     return new_updates, ScaleByAmsgradState(
         count=count, mu=new_mu, nu=new_nu, nu_max=new_nu_max

@@ -9,7 +9,8 @@ the two agree to one rounding per operation, not always bit for bit.
 
 from __future__ import annotations
 
-import contextlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,22 +22,11 @@ import optax_amsgrad
 from optax_amsgrad import _cpu_kernel
 
 from gradients import TREE_SHAPES, initial_params, spiky_gradients
+from kernel_paths import xla_path
 from reference import run_reference
 from trajectories import CONVENTIONS, max_relative_difference, run_optax, scaled
 
 TARGET = "optax_amsgrad_moments"
-
-
-@contextlib.contextmanager
-def xla_path():
-  """Every leaf takes the XLA path while tracing inside this block (jit
-  caches traces per function: trace a fresh one here)."""
-  supports = _cpu_kernel.supports
-  _cpu_kernel.supports = lambda *dtypes: False
-  try:
-    yield
-  finally:
-    _cpu_kernel.supports = supports
 
 
 def _compiled_text(solver, params) -> str:
@@ -261,3 +251,31 @@ def test_donated_state_is_updated_in_place(options):
   assert TARGET in compiled.as_text()
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   assert compiled.memory_analysis().temp_size_in_bytes < 0.01 * state_bytes
+
+
+def test_without_the_compiled_handler_everything_takes_the_xla_path():
+  # As installed without a C++ compiler: the extension cannot be imported.
+  code = """
+import sys
+sys.modules["optax_amsgrad._amsgrad_cpu"] = None  # import fails
+import jax, jax.numpy as jnp, numpy as np, optax
+jax.config.update("jax_enable_x64", True)
+import optax_amsgrad
+assert not optax_amsgrad.cpu_kernel_available()
+solver = optax_amsgrad.amsgradw(0.1, weight_decay=0.1)
+params = {"w": jnp.array([1.0, -2.0, 3.0])}
+state = solver.init(params)
+grads = {"w": jnp.array([0.5, -1.0, 2.0])}
+step = jax.jit(lambda g, s, p: optax_amsgrad.apply_step(solver, g, s, p))
+assert "optax_amsgrad" not in step.lower(grads, state, params).as_text()
+new_params, _ = step(grads, state, params)
+# First step: u = sign(g) to within eps; decoupled decay 0.1 * p.
+expected = np.array([1.0, -2.0, 3.0]) - 0.1 * (np.sign([0.5, -1.0, 2.0])
+                                                + 0.1 * np.array([1.0, -2.0, 3.0]))
+np.testing.assert_allclose(np.asarray(new_params["w"]), expected, rtol=1e-7)
+print("ok")
+"""
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert result.stdout.strip().endswith("ok")

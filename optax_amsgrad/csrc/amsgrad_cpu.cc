@@ -25,6 +25,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -36,6 +37,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -356,161 +358,184 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
   CASE(F32, BF16, F32, F32, float, BFloat16, float, float)         \
   CASE(F32, BF16, F32, BF16, float, BFloat16, float, BFloat16)
 
-template <typename T>
-T* Data(const ffi::AnyBuffer& buffer) {
-  return reinterpret_cast<T*>(buffer.untyped_data());
+// The buffers of one leaf, untyped: operands g, p (the params, or g again
+// when the call does not apply the step), m, v, v_max; then the results.
+struct UntypedLeaf {
+  std::array<const void*, 5> in;
+  std::array<ffi::DataType, 5> types;
+  std::array<int64_t, 5> sizes;
+  std::array<void*, 4> out;
+};
+
+template <typename G, typename M, typename V>
+Leaf<G, M, V> Typed(const UntypedLeaf& leaf, bool apply) {
+  return Leaf<G, M, V>{
+      static_cast<const G*>(leaf.in[0]),
+      apply ? static_cast<const G*>(leaf.in[1]) : nullptr,
+      static_cast<const M*>(leaf.in[2]),
+      static_cast<const V*>(leaf.in[3]),
+      static_cast<const V*>(leaf.in[4]),
+      static_cast<G*>(leaf.out[0]),
+      static_cast<M*>(leaf.out[1]),
+      static_cast<V*>(leaf.out[2]),
+      static_cast<V*>(leaf.out[3]),
+  };
 }
 
-template <typename T>
-T* Data(ffi::Result<ffi::AnyBuffer>& buffer) {
-  return reinterpret_cast<T*>(buffer->untyped_data());
-}
-
-// Splits [0, n) into rows of `row_size` elements, each with its own
-// coefficients and keys, and runs them on the thread pool.
-template <typename G, typename M, typename V, typename C, bool kApply, bool kDecay>
-void RunRows(ffi::ThreadPool& pool, const C* k, const uint32_t* keys, const Leaf<G, M, V>& leaf,
-             int64_t n, int64_t row_size, bool stochastic) {
-  ParallelFor(pool, n, [=](int64_t lo, int64_t hi) {
-    // A block may span rows (vmap): split it where the coefficients change.
+// Runs all leaves of one call on the thread pool: blocks of elements are cut
+// across leaves (many small leaves share a block, a large one spans many),
+// and within a leaf at its rows (each row has its own coefficients and keys).
+// `keys` holds [row][leaf][m, v].
+template <typename G, typename M, typename V, typename C, bool kApply>
+void RunLeaves(ffi::ThreadPool& pool, const C* k, const uint32_t* keys,
+               const std::vector<Leaf<G, M, V>>& leaves, const std::vector<int64_t>& offsets,
+               int64_t rows, bool stochastic, ffi::Span<const int64_t> decay) {
+  const int64_t num_leaves = static_cast<int64_t>(leaves.size());
+  ParallelFor(pool, offsets.back(), [&](int64_t lo, int64_t hi) {
+    int64_t leaf = std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
     while (lo < hi) {
-      const int64_t row = lo / row_size;
-      const int64_t row_begin = row * row_size;
-      const int64_t end = std::min(hi, row_begin + row_size);
-      const C* row_k = k + row * kNumCoefficients;
-      const uint32_t* row_keys = keys + 2 * row;
-      if (stochastic) {
-        Row<G, M, V, C, true, kApply, kDecay>(row_k, row_keys, leaf, row_begin, lo, end);
-      } else {
-        Row<G, M, V, C, false, kApply, kDecay>(row_k, row_keys, leaf, row_begin, lo, end);
+      const int64_t leaf_begin = offsets[leaf];
+      const int64_t row_size = (offsets[leaf + 1] - leaf_begin) / rows;
+      const int64_t leaf_end = std::min(hi, offsets[leaf + 1]);
+      while (lo < leaf_end) {
+        const int64_t local = lo - leaf_begin;
+        const int64_t row = local / row_size;
+        const int64_t row_begin = row * row_size;
+        const int64_t end = std::min(leaf_end - leaf_begin, row_begin + row_size);
+        const C* row_k = k + row * kNumCoefficients;
+        const uint32_t* row_keys = keys + 2 * (row * num_leaves + leaf);
+        const Leaf<G, M, V>& buffers = leaves[leaf];
+        const bool decays = kApply && decay[leaf] != 0;
+#define AMSGRAD_ROW(STOCHASTIC, DECAY)                                            \
+  Row<G, M, V, C, STOCHASTIC, kApply, DECAY>(row_k, row_keys, buffers, row_begin, \
+                                             local, end)
+        if (stochastic) {
+          decays ? AMSGRAD_ROW(true, true) : AMSGRAD_ROW(true, false);
+        } else {
+          decays ? AMSGRAD_ROW(false, true) : AMSGRAD_ROW(false, false);
+        }
+#undef AMSGRAD_ROW
+        lo = leaf_begin + end;
       }
-      lo = end;
+      ++leaf;
     }
   });
 }
 
-// Checks the operands and returns the number of rows (batch elements), or an
-// error message.
-const char* CheckOperands(const ffi::AnyBuffer& coefficients, const ffi::AnyBuffer& keys,
-                          const ffi::AnyBuffer& g, const ffi::AnyBuffer& m,
-                          const ffi::AnyBuffer& v, const ffi::AnyBuffer& v_max,
-                          int64_t* rows) {
+// Both handlers: `apply` says whether the params are among the buffers.
+ffi::Error Run(const char* name, bool apply, ffi::ThreadPool& pool,
+               const ffi::AnyBuffer& coefficients, const ffi::AnyBuffer& keys,
+               const ffi::RemainingArgs& args, const ffi::RemainingRets& rets,
+               bool stochastic, ffi::Span<const int64_t> decay) {
   using DT = ffi::DataType;
-  const int64_t n = g.element_count();
-  *rows = coefficients.element_count() / kNumCoefficients;
-  if (keys.element_type() != DT::U32 || v_max.element_type() != v.element_type() ||
-      m.element_count() != n || v.element_count() != n || v_max.element_count() != n) {
-    return "mismatched operands";
+  auto fail = [name](const char* what) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": " + what);
+  };
+  const int64_t num_leaves = static_cast<int64_t>(decay.size());
+  const int64_t per_leaf_args = apply ? 5 : 4, per_leaf_rets = apply ? 4 : 3;
+  if (num_leaves == 0 || static_cast<int64_t>(args.size()) != per_leaf_args * num_leaves ||
+      static_cast<int64_t>(rets.size()) != per_leaf_rets * num_leaves) {
+    return fail("the buffers do not match the number of leaves");
   }
-  if (*rows == 0 || *rows * kNumCoefficients != coefficients.element_count() ||
-      keys.element_count() != 2 * *rows || n % *rows != 0) {
-    return "inconsistent batch shapes";
+  const int64_t rows = coefficients.element_count() / kNumCoefficients;
+  if (rows == 0 || rows * kNumCoefficients != coefficients.element_count() ||
+      keys.element_type() != DT::U32 || keys.element_count() != 2 * rows * num_leaves) {
+    return fail("inconsistent coefficients or keys");
   }
-  return nullptr;
-}
-
-ffi::Error MomentsDispatch(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
-                           ffi::AnyBuffer keys, ffi::AnyBuffer g, ffi::AnyBuffer m,
-                           ffi::AnyBuffer v, ffi::AnyBuffer v_max, bool stochastic,
-                           ffi::Result<ffi::AnyBuffer> m_out,
-                           ffi::Result<ffi::AnyBuffer> v_out,
-                           ffi::Result<ffi::AnyBuffer> v_max_out) {
-  using DT = ffi::DataType;
-  int64_t rows;
-  if (const char* error = CheckOperands(coefficients, keys, g, m, v, v_max, &rows)) {
-    return ffi::Error::InvalidArgument(std::string("amsgrad_moments: ") + error);
+  std::vector<UntypedLeaf> leaves;
+  std::vector<int64_t> offsets{0};
+  for (int64_t i = 0; i < num_leaves; ++i) {
+    UntypedLeaf leaf{};
+    // Operand j of the leaf: g, [p,] m, v, v_max; without p, g stands in.
+    const int64_t first_arg = per_leaf_args * i, first_ret = per_leaf_rets * i;
+    for (int64_t j = 0; j < 5; ++j) {
+      const int64_t index = apply ? j : (j == 0 ? 0 : j - 1);
+      auto buffer = args.get<ffi::AnyBuffer>(first_arg + index);
+      if (!buffer) return fail("an operand is not a buffer");
+      leaf.in[j] = buffer->untyped_data();
+      leaf.types[j] = buffer->element_type();
+      leaf.sizes[j] = static_cast<int64_t>(buffer->element_count());
+    }
+    // Results: [p,] m, v, v_max; without p, none.
+    for (int64_t j = apply ? 0 : 1; j < 4; ++j) {
+      auto buffer = rets.get<ffi::AnyBuffer>(first_ret + j - (apply ? 0 : 1));
+      if (!buffer) return fail("a result is not a buffer");
+      leaf.out[j] = (*buffer)->untyped_data();
+    }
+    const int64_t n = leaf.sizes[0];
+    for (int64_t size : leaf.sizes) {
+      if (size != n || n % rows != 0) return fail("the buffers of a leaf differ in size");
+    }
+    const UntypedLeaf& first = leaves.empty() ? leaf : leaves.front();
+    if (leaf.types != first.types || leaf.types[1] != leaf.types[0] ||
+        leaf.types[4] != leaf.types[3]) {
+      return fail("the leaves of a call differ in dtype");
+    }
+    leaves.push_back(leaf);
+    offsets.push_back(offsets.back() + n);
   }
-  const int64_t n = g.element_count();
   const DT c = coefficients.element_type();
-  const DT gt = g.element_type(), mt = m.element_type(), vt = v.element_type();
-#define AMSGRAD_CASE(CT, GT, MT, VT, C, G, M, V)                                   \
-  if (c == DT::CT && gt == DT::GT && mt == DT::MT && vt == DT::VT) {               \
-    const Leaf<G, M, V> leaf{Data<const G>(g), nullptr, Data<const M>(m),          \
-                             Data<const V>(v), Data<const V>(v_max), nullptr,      \
-                             Data<M>(m_out), Data<V>(v_out), Data<V>(v_max_out)};  \
-    RunRows<G, M, V, C, false, false>(pool, Data<const C>(coefficients),           \
-                                      Data<const uint32_t>(keys), leaf, n,         \
-                                      n / rows, stochastic);                       \
-    return ffi::Error::Success();                                                  \
+  const DT gt = leaves[0].types[0], mt = leaves[0].types[2], vt = leaves[0].types[3];
+#define AMSGRAD_CASE(CT, GT, MT, VT, C, G, M, V)                                      \
+  if (c == DT::CT && gt == DT::GT && mt == DT::MT && vt == DT::VT) {                  \
+    /* Params are updated in their own dtype, which must be the compute dtype. */    \
+    if (apply && !std::is_same<G, C>::value) return fail("params not in the compute dtype"); \
+    std::vector<Leaf<G, M, V>> typed;                                                 \
+    typed.reserve(leaves.size());                                                     \
+    for (const UntypedLeaf& leaf : leaves) typed.push_back(Typed<G, M, V>(leaf, apply)); \
+    const C* k = reinterpret_cast<const C*>(coefficients.untyped_data());             \
+    const uint32_t* key = reinterpret_cast<const uint32_t*>(keys.untyped_data());     \
+    if (apply) {                                                                      \
+      RunLeaves<G, M, V, C, true>(pool, k, key, typed, offsets, rows, stochastic, decay); \
+    } else {                                                                          \
+      RunLeaves<G, M, V, C, false>(pool, k, key, typed, offsets, rows, stochastic, decay); \
+    }                                                                                 \
+    return ffi::Error::Success();                                                     \
   }
   AMSGRAD_FOR_EACH_DTYPES(AMSGRAD_CASE)
 #undef AMSGRAD_CASE
-  return ffi::Error::InvalidArgument("amsgrad_moments: unsupported dtypes");
+  return fail("unsupported dtypes");
 }
 
-ffi::Error StepDispatch(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
-                        ffi::AnyBuffer keys, ffi::AnyBuffer g, ffi::AnyBuffer p,
-                        ffi::AnyBuffer m, ffi::AnyBuffer v, ffi::AnyBuffer v_max,
-                        bool stochastic, bool decay, ffi::Result<ffi::AnyBuffer> p_out,
-                        ffi::Result<ffi::AnyBuffer> m_out,
-                        ffi::Result<ffi::AnyBuffer> v_out,
-                        ffi::Result<ffi::AnyBuffer> v_max_out) {
-  using DT = ffi::DataType;
-  int64_t rows;
-  if (const char* error = CheckOperands(coefficients, keys, g, m, v, v_max, &rows)) {
-    return ffi::Error::InvalidArgument(std::string("amsgrad_step: ") + error);
-  }
-  const int64_t n = g.element_count();
-  if (p.element_type() != g.element_type() || p.element_count() != n) {
-    return ffi::Error::InvalidArgument("amsgrad_step: params unlike the gradients");
-  }
-  const DT c = coefficients.element_type();
-  const DT gt = g.element_type(), mt = m.element_type(), vt = v.element_type();
-  // Params are updated in their own dtype, which must be the compute dtype.
-#define AMSGRAD_CASE(CT, GT, MT, VT, C, G, M, V)                                    \
-  if (c == DT::CT && gt == DT::GT && mt == DT::MT && vt == DT::VT &&                \
-      std::is_same<G, C>::value) {                                                  \
-    const Leaf<G, M, V> leaf{Data<const G>(g), Data<const G>(p), Data<const M>(m),  \
-                             Data<const V>(v), Data<const V>(v_max), Data<G>(p_out), \
-                             Data<M>(m_out), Data<V>(v_out), Data<V>(v_max_out)};   \
-    if (decay) {                                                                    \
-      RunRows<G, M, V, C, true, true>(pool, Data<const C>(coefficients),            \
-                                      Data<const uint32_t>(keys), leaf, n,          \
-                                      n / rows, stochastic);                        \
-    } else {                                                                        \
-      RunRows<G, M, V, C, true, false>(pool, Data<const C>(coefficients),           \
-                                       Data<const uint32_t>(keys), leaf, n,         \
-                                       n / rows, stochastic);                       \
-    }                                                                               \
-    return ffi::Error::Success();                                                   \
-  }
-  AMSGRAD_FOR_EACH_DTYPES(AMSGRAD_CASE)
-#undef AMSGRAD_CASE
-  return ffi::Error::InvalidArgument("amsgrad_step: unsupported dtypes");
+ffi::Error MomentsHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
+                          ffi::AnyBuffer keys, ffi::RemainingArgs args,
+                          ffi::RemainingRets rets, bool stochastic,
+                          ffi::Span<const int64_t> leaves) {
+  return Run("amsgrad_moments", false, pool, coefficients, keys, args, rets, stochastic,
+             leaves);
+}
+
+ffi::Error StepHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
+                       ffi::AnyBuffer keys, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                       bool stochastic, ffi::Span<const int64_t> decay) {
+  return Run("amsgrad_step", true, pool, coefficients, keys, args, rets, stochastic, decay);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradMoments, MomentsDispatch,
+// Operands: coefficients, keys, then per leaf g, m, v, v_max. Results: per
+// leaf m, v, v_max. Attribute `leaf_flags`: one entry per leaf (unused values).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradMoments, MomentsHandler,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // coefficients
                                   .Arg<ffi::AnyBuffer>()  // keys
-                                  .Arg<ffi::AnyBuffer>()  // g
-                                  .Arg<ffi::AnyBuffer>()  // m
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // v_max
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<bool>("stochastic")
-                                  .Ret<ffi::AnyBuffer>()   // m
-                                  .Ret<ffi::AnyBuffer>()   // v
-                                  .Ret<ffi::AnyBuffer>());  // v_max
+                                  .Attr<ffi::Span<const int64_t>>("leaf_flags"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradStep, StepDispatch,
+// Operands: coefficients, keys, then per leaf g, p, m, v, v_max. Results: per
+// leaf p, m, v, v_max. Attribute `decay`: per leaf, 1 to add the weight decay.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradStep, StepHandler,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // coefficients
                                   .Arg<ffi::AnyBuffer>()  // keys
-                                  .Arg<ffi::AnyBuffer>()  // g
-                                  .Arg<ffi::AnyBuffer>()  // p
-                                  .Arg<ffi::AnyBuffer>()  // m
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // v_max
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<bool>("stochastic")
-                                  .Attr<bool>("decay")
-                                  .Ret<ffi::AnyBuffer>()   // p
-                                  .Ret<ffi::AnyBuffer>()   // m
-                                  .Ret<ffi::AnyBuffer>()   // v
-                                  .Ret<ffi::AnyBuffer>());  // v_max
+                                  .Attr<ffi::Span<const int64_t>>("decay"));
 
 // The Python module: `handlers()` gives the handlers as capsules for
 // jax.ffi.register_ffi_target.

@@ -29,3 +29,8 @@ open(sys.argv[1], "w").write(code)
 PY
 (cd "$scratch" && "$scratch/venv/bin/python" quickstart.py)
 "$scratch/venv/bin/python" -c "import optax_amsgrad, pathlib; assert (pathlib.Path(optax_amsgrad.__file__).parent / 'py.typed').exists(); print('py.typed shipped')"
+# The wheel carries the compiled CPU kernel; the sdist its source.
+(cd "$scratch" && "$scratch/venv/bin/python" -c "import optax_amsgrad; assert optax_amsgrad.cpu_kernel_available(); print('CPU kernel shipped')")
+sdist_files=$(tar -tzf dist/*.tar.gz)
+grep -q "optax_amsgrad/csrc/amsgrad_cpu.cc" <<<"$sdist_files"
+echo "kernel source in the sdist"

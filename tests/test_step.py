@@ -12,28 +12,14 @@ import optax_amsgrad
 
 from gradients import TREE_SHAPES, initial_params, spiky_gradients
 from reference import run_reference
-from trajectories import CONVENTIONS, max_relative_difference
+from trajectories import CONVENTIONS, max_relative_difference, run_optax
 
 STEP_TARGET = "optax_amsgrad_step"
 
 
 def run_apply_step(solver, grads, params, *, dtype=None):
   """Params after each step by apply_step, as NumPy arrays."""
-  cast = (lambda x: jnp.asarray(x, dtype)) if dtype is not None else jnp.asarray
-  params = jax.tree.map(cast, params)
-  stacked = jax.tree.map(lambda *g: cast(np.stack(g)), *grads)
-
-  @jax.jit
-  def run(params, stacked):
-    def step(carry, g):
-      params, state = optax_amsgrad.apply_step(solver, g, *carry[::-1])
-      return (params, state), params
-
-    _, history = jax.lax.scan(step, (params, solver.init(params)), stacked)
-    return history
-
-  history = jax.device_get(run(params, stacked))
-  return [{k: np.asarray(v[i]) for k, v in history.items()} for i in range(len(grads))]
+  return run_optax(solver, grads, params, dtype=dtype, apply_step=True)
 
 
 def run_two_calls(solver, grads, params, *, dtype=None):

@@ -16,8 +16,12 @@ def run_optax(
     params: dict[str, np.ndarray],
     *,
     dtype=None,
+    apply_step: bool = False,
 ) -> list[dict[str, np.ndarray]]:
-  """Params after each step, as NumPy arrays (same layout as reference.py)."""
+  """Params after each step, as NumPy arrays (same layout as reference.py).
+
+  Each step is ``optimizer.update`` then ``optax.apply_updates``, or with
+  ``apply_step`` one call of ``optax_amsgrad.apply_step``."""
   cast = (lambda x: jnp.asarray(x, dtype)) if dtype is not None else jnp.asarray
   params = jax.tree.map(cast, params)
   stacked = jax.tree.map(lambda *g: cast(np.stack(g)), *grads)
@@ -26,8 +30,11 @@ def run_optax(
   def run(params, stacked):
     def step(carry, g):
       params, state = carry
-      updates, state = optimizer.update(g, state, params)
-      params = optax.apply_updates(params, updates)
+      if apply_step:
+        params, state = optax_amsgrad.apply_step(optimizer, g, state, params)
+      else:
+        updates, state = optimizer.update(g, state, params)
+        params = optax.apply_updates(params, updates)
       return (params, state), params
 
     _, history = jax.lax.scan(step, (params, optimizer.init(params)), stacked)

@@ -101,6 +101,10 @@ JAX_VARIANTS: dict[
         lambda: flatten_by_dtype(optax_amsgrad.amsgrad(LEARNING_RATE)), True, "amsgrad",
         "update",
     ),
+    "ours_flat.apply_step": (
+        lambda: flatten_by_dtype(optax_amsgrad.amsgrad(LEARNING_RATE)), True, "amsgrad",
+        "apply_step",
+    ),
     "optax.amsgrad": (lambda: optax.amsgrad(LEARNING_RATE), True, "amsgrad", "update"),
     "optax.amsgrad_no_donation": (
         lambda: optax.amsgrad(LEARNING_RATE), False, "amsgrad", "update"
@@ -108,7 +112,9 @@ JAX_VARIANTS: dict[
     "optax.adam": (lambda: optax.adam(LEARNING_RATE), True, "adam", "update"),
 }
 TORCH_VARIANTS = {"torch_fused": {"fused": True}, "torch_foreach": {"foreach": True}}
-COMPILE_VARIANTS = ["ours", "ours.apply_step", "ours_flat", "optax.amsgrad"]
+COMPILE_VARIANTS = [
+    "ours", "ours.apply_step", "ours_flat", "ours_flat.apply_step", "optax.amsgrad"
+]
 
 
 def cpu_threads() -> int:
@@ -410,9 +416,10 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
 
 
 def print_tables(report: dict[str, Any]) -> None:
-  names = ["ours", "ours.apply_step", "ours_flat", "optax.amsgrad",
+  names = ["ours", "ours.apply_step", "ours_flat", "ours_flat.apply_step", "optax.amsgrad",
            "optax.amsgrad_no_donation", "optax.adam", "torch_fused", "torch_foreach"]
-  limit_names = ("ours", "ours.apply_step", "ours_flat", "optax.amsgrad", "torch_fused")
+  limit_names = ("ours", "ours.apply_step", "ours_flat", "ours_flat.apply_step",
+                 "optax.amsgrad", "torch_fused")
   print("\nStep time relative to optax.amsgrad (jit, donated); medians:")
   print("| params | " + " | ".join(names) + " | fraction of the limit, "
         + " / ".join(limit_names) + " |")
@@ -441,7 +448,8 @@ def print_tables(report: dict[str, Any]) -> None:
 
   if any("torch_fused" in c["variants"] for c in report["cases"]):
     print("\nRatio to torch fused (< 1: faster than torch):")
-    torch_names = ("ours", "ours.apply_step", "ours_flat", "optax.amsgrad")
+    torch_names = ("ours", "ours.apply_step", "ours_flat", "ours_flat.apply_step",
+                   "optax.amsgrad")
     print("| params | " + " | ".join(torch_names) + " |")
     print("|---" * (len(torch_names) + 1) + "|")
     for case in report["cases"]:
@@ -488,8 +496,8 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
   except ImportError:
     return False
-  names = ["ours", "ours.apply_step", "ours_flat", "optax.amsgrad", "optax.adam",
-           "torch_fused", "torch_foreach"]
+  names = ["ours", "ours.apply_step", "ours_flat", "ours_flat.apply_step", "optax.amsgrad",
+           "optax.adam", "torch_fused", "torch_foreach"]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
   cases = report["cases"]
   width = 0.8 / len(names)

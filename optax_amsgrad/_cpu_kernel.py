@@ -17,7 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_TARGETS = {"moments": "optax_amsgrad_moments", "step": "optax_amsgrad_step"}
+_TARGETS = {
+    "moments": "optax_amsgrad_moments",
+    "step": "optax_amsgrad_step",
+    "flat_step": "optax_amsgrad_flat_step",
+}
 
 # The coefficient vector, in the handlers' order (enum Coefficient).
 COEFFICIENTS = (
@@ -179,3 +183,33 @@ def step(
   return _call(_TARGETS["step"], coefficients, keys, leaves, 4,
                stochastic=np.bool_(stochastic),
                decay=np.asarray(decay, np.int64))
+
+
+def flat_step(
+    coefficients: jax.Array,
+    keys: jax.Array,
+    leaves: Sequence[tuple[jax.Array, jax.Array]],
+    state: tuple[jax.Array, jax.Array, jax.Array],
+    *,
+    stochastic: bool,
+    decay: Sequence[bool],
+) -> tuple[list[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
+  """:func:`step` for a state kept as one flat buffer per moment
+  (``flatten_by_dtype``): ``leaves`` holds ``(g, p)`` and ``state`` the flat
+  ``(m, v, v_max)`` holding every leaf, raveled, in order; ``keys`` the two
+  stream keys of that state, ``[..., (m, v)]``. Returns the params after the
+  step per leaf and the new flat state."""
+  operands = [x for leaf in leaves for x in leaf]
+  num_leaves = len(leaves)
+  aliases = {2 + 2 * i + 1: i for i in range(num_leaves)}
+  aliases.update({2 + 2 * num_leaves + j: num_leaves + j for j in range(3)})
+  call = jax.ffi.ffi_call(
+      _TARGETS["flat_step"],
+      _like(*(p for _, p in leaves), *state),
+      input_output_aliases=aliases,
+      vmap_method="broadcast_all",
+  )
+  flat = call(coefficients, keys, *operands, *state, stochastic=np.bool_(stochastic),
+              decay=np.asarray(decay, np.int64))
+  m, v, v_max = flat[num_leaves:]
+  return list(flat[:num_leaves]), (m, v, v_max)

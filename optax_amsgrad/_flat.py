@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_amsgrad import _step
+
 
 class FlatState(NamedTuple):
   """State of :func:`flatten_by_dtype`.
@@ -179,6 +181,7 @@ def flatten_by_dtype(
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`FlatState`.
   """
+  original = inner
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: optax.Params) -> FlatState:
@@ -202,4 +205,7 @@ def flatten_by_dtype(
     )
     return unravel_by_dtype(flat_updates, updates), FlatState(inner_state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  flat = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # apply_step takes one pass over the leaves and the flat state.
+  _step.register_flat(flat, original)
+  return flat

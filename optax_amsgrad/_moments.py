@@ -541,3 +541,135 @@ def _kernel_partitioned(call: _KernelCall) -> Any:
       sharding_rule=rule,
   )
   return partitioned
+
+
+class _FlatCall(NamedTuple):
+  """The static part of one call with a flat state (``flatten_by_dtype``):
+  the position of the flat buffer in the state's dict, and one weight-decay
+  flag for all its leaves."""
+
+  stochastic: bool
+  leaf_index: int
+  decay: bool
+
+
+def stepped_flat(
+    c: MomentCoefficients,
+    d: Direction,
+    step_size: jax.Array,
+    weight_decay: jax.Array,
+    leaves: Sequence[tuple[jax.Array, jax.Array]],
+    state: tuple[jax.Array, jax.Array, jax.Array],
+    *,
+    decay: bool,
+    stochastic: bool,
+    seed: jax.Array,
+    step_count: jax.Array,
+    leaf_index: int,
+) -> tuple[list[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
+  """The params after the step for leaves ``(g, p)`` whose state is the flat
+  ``(m, v, v_max)`` holding them all, raveled, in order: one pass on XLA:CPU;
+  elsewhere XLA on the raveled leaves, as ``flatten_by_dtype`` computes."""
+  call = _FlatCall(stochastic, leaf_index, decay)
+  values = {**c._asdict(), **d._asdict(), "step_size": step_size,
+            "weight_decay": weight_decay}
+  dtype = compute_dtypes(leaves[0][0].dtype)[1]
+  scalars = [jnp.asarray(values.get(name, 0), dtype) for name in _cpu_kernel.COEFFICIENTS]
+  operands = (*scalars, seed, step_count, *(x for leaf in leaves for x in leaf), *state)
+  flat: tuple[jax.Array, ...] = jax.lax.platform_dependent(
+      *operands,
+      cpu=_flat_kernel_function(call),
+      default=functools.partial(_flat_xla_call, call),
+  )
+  n = len(leaves)
+  m, v, v_max = flat[n:]
+  return list(flat[:n]), (m, v, v_max)
+
+
+def _split_flat(
+    operands: Sequence[Any],
+) -> tuple[dict[str, Any], Any, Any, list[Any], list[Any], tuple[Any, ...]]:
+  values = dict(zip(_cpu_kernel.COEFFICIENTS, operands, strict=False))
+  seed, count = operands[_NUM_SCALARS - 2], operands[_NUM_SCALARS - 1]
+  arrays = operands[_NUM_SCALARS:]
+  pairs, state = arrays[:-3], tuple(arrays[-3:])
+  return values, seed, count, list(pairs[0::2]), list(pairs[1::2]), state
+
+
+def _flat_xla_call(call: _FlatCall, *operands: jax.Array) -> tuple[jax.Array, ...]:
+  """What the flat handler computes, by XLA: the step on the raveled leaves,
+  then the params cut back into their shapes."""
+  values, seed, count, gs, ps, (m, v, v_max) = _split_flat(operands)
+  c = MomentCoefficients(**{k: values[k] for k in MomentCoefficients._fields})
+  d = Direction(**{k: values[k] for k in Direction._fields})
+  step = Step(values["step_size"], values["weight_decay"], call.decay)
+  rounding = Rounding(call.stochastic, seed, count, call.leaf_index)
+  batch = jnp.ndim(m) - 1  # leading vmap dimensions are not raveled
+
+  def ravel(xs: list[jax.Array]) -> jax.Array:
+    parts = [x.reshape(*x.shape[:batch], -1) for x in xs]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+  new_p, new_m, new_v, new_v_max = xla_stepped(
+      c, d, step, ravel(gs), ravel(ps), m, v, v_max, rounding=rounding,
+      split_complex=False,
+  )
+  sizes = [int(np.prod(p.shape[batch:], dtype=np.int64)) for p in ps]
+  cuts = np.cumsum(sizes)[:-1].tolist()
+  pieces = jnp.split(new_p, cuts, axis=-1) if cuts else [new_p]
+  return (*(piece.reshape(p.shape) for piece, p in zip(pieces, ps, strict=True)),
+          new_m, new_v, new_v_max)
+
+
+def _flat_call_kernel(call: _FlatCall, *operands: jax.Array) -> tuple[jax.Array, ...]:
+  values, seed, count, gs, ps, (m, v, v_max) = _split_flat(operands)
+  dtype = compute_dtypes(gs[0].dtype)[1]
+  packed = _cpu_kernel.pack(values, dtype)
+  if _needs_keys(call.stochastic, gs[0], m, v):
+    keys = jnp.stack([_rounding.stream_key(seed, count, buffer, call.leaf_index)
+                      for buffer in ("mu", "nu")], axis=-1)
+  else:
+    keys = jnp.zeros((*packed.shape[:-1], 2), jnp.uint32)
+  new_ps, state = _cpu_kernel.flat_step(
+      packed, keys, list(zip(gs, ps, strict=True)), (m, v, v_max),
+      stochastic=call.stochastic, decay=[call.decay] * len(gs),
+  )
+  return (*new_ps, *state)
+
+
+@functools.cache
+def _flat_kernel_function(call: _FlatCall) -> Any:
+  """The flat handler with a vmap rule (the batch as rows) and a JVP (the
+  XLA path's). A flat state is not meant for sharded params: the handler
+  runs on the whole arrays, as the raveling on the XLA path would."""
+
+  @jax.custom_batching.custom_vmap
+  def batchable(*operands: jax.Array) -> tuple[jax.Array, ...]:
+    return _flat_call_kernel(call, *operands)
+
+  @batchable.def_vmap
+  def batched(
+      axis_size: int, in_batched: list[bool], *operands: jax.Array
+  ) -> tuple[tuple[jax.Array, ...], tuple[bool, ...]]:
+    operands = tuple(
+        x if is_batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+        for x, is_batched in zip(operands, in_batched, strict=True)
+    )
+    out = _flat_call_kernel(call, *operands)
+    return out, (True,) * len(out)
+
+  @jax.custom_jvp
+  def differentiable(*operands: jax.Array) -> tuple[jax.Array, ...]:
+    result: tuple[jax.Array, ...] = batchable(*operands)
+    return result
+
+  @differentiable.defjvp
+  def derivative(
+      primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+  ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    result: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]] = jax.jvp(
+        functools.partial(_flat_xla_call, call), primals, tangents
+    )
+    return result
+
+  return differentiable

@@ -13,12 +13,15 @@ from optax_amsgrad import _transform
 
 
 class _Recipe(NamedTuple):
-  """What ``amsgrad``/``amsgradw`` chained, for :func:`apply_step`."""
+  """What ``amsgrad``/``amsgradw`` chained, for :func:`apply_step`; ``flat``
+  when wrapped in ``flatten_by_dtype``."""
 
   apply_fn: Callable[..., Any]
+  flat_apply_fn: Callable[..., Any]
   learning_rate: optax.ScalarOrSchedule
   weight_decay: jax.typing.ArrayLike | None
   mask: Any
+  flat: bool = False
 
 
 # update function of an amsgrad/amsgradw chain -> its recipe.
@@ -38,9 +41,22 @@ def register(
   ``add_decayed_weights(weight_decay, mask)`` unless ``weight_decay`` is None,
   then ``scale_by_learning_rate(learning_rate)``."""
   apply_fn = _transform.apply_function(core)
-  assert apply_fn is not None
-  _RECIPES[solver.update] = _Recipe(apply_fn, learning_rate, weight_decay, mask)
+  flat_apply_fn = _transform.flat_apply_function(core)
+  assert apply_fn is not None and flat_apply_fn is not None
+  _RECIPES[solver.update] = _Recipe(apply_fn, flat_apply_fn, learning_rate, weight_decay,
+                                    mask)
   return solver
+
+
+def register_flat(
+    flat_solver: optax.GradientTransformation, inner: optax.GradientTransformation
+) -> None:
+  """Records that ``flat_solver`` is ``flatten_by_dtype(inner)``, when
+  ``inner`` was made by ``amsgrad``/``amsgradw`` without a mask (a mask would
+  see the flat buffers, not the params)."""
+  recipe = _RECIPES.get(inner.update)
+  if recipe is not None and recipe.mask is None:
+    _RECIPES[flat_solver.update] = recipe._replace(flat=True)
 
 
 def _decay_tree(recipe: _Recipe, params: optax.Params) -> Any:
@@ -116,7 +132,8 @@ def apply_step(
   if recipe is None:
     updates, state = solver.update(grads, state, params)
     return optax.apply_updates(params, updates), state
-  core_state, *middle, rate_state = state
+  chain_state = state.inner_state if recipe.flat else state
+  core_state, *middle, rate_state = chain_state
   learning_rate = recipe.learning_rate
   rate = (
       learning_rate(rate_state.count)
@@ -127,8 +144,16 @@ def apply_step(
       weight_decay=0.0 if recipe.weight_decay is None else recipe.weight_decay,
       decay=_decay_tree(recipe, params),
   )
-  new_params, new_core_state = recipe.apply_fn(grads, core_state, params, applying)
+  if recipe.flat:
+    result = recipe.flat_apply_fn(grads, core_state, params, applying)
+    if result is None:
+      updates, state = solver.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+  else:
+    result = recipe.apply_fn(grads, core_state, params, applying)
+  new_params, new_core_state = result
   # The learning rate's state: a step count for schedules, empty otherwise.
   # A constant weight decay's state does not change.
   _, new_rate_state = optax.scale_by_learning_rate(learning_rate).update({}, rate_state)
-  return new_params, (new_core_state, *middle, new_rate_state)
+  new_state = (new_core_state, *middle, new_rate_state)
+  return new_params, type(state)(new_state) if recipe.flat else new_state

@@ -83,6 +83,22 @@ _APPLY_FUNCTIONS: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., An
 )
 
 
+# update function of a scale_by_amsgrad -> its apply function for a state
+# made on ravel_by_dtype(params).
+_FLAT_APPLY_FUNCTIONS: weakref.WeakKeyDictionary[
+    Callable[..., Any], Callable[..., Any]
+] = weakref.WeakKeyDictionary()
+
+
+def flat_apply_function(
+    transformation: optax.GradientTransformation,
+) -> Callable[..., tuple[optax.Params, ScaleByAmsgradState] | None] | None:
+  """Like :func:`apply_function`, for a state built by ``flatten_by_dtype``
+  (one flat buffer per dtype); it returns None where that one-pass path does
+  not apply."""
+  return _FLAT_APPLY_FUNCTIONS.get(transformation.update)
+
+
 def apply_function(
     transformation: optax.GradientTransformation,
 ) -> Callable[..., tuple[optax.Params, ScaleByAmsgradState]] | None:
@@ -437,5 +453,69 @@ def scale_by_amsgrad(
   ) -> tuple[optax.Params, ScaleByAmsgradState]:
     return step_fn(grads, state, params, applying)
 
+  def flat_apply_fn(
+      grads: optax.Updates,
+      state: ScaleByAmsgradState,
+      params: optax.Params,
+      applying: Applying,
+  ) -> tuple[optax.Params, ScaleByAmsgradState] | None:
+    """``apply_fn`` for a state made on ``ravel_by_dtype(params)`` (by
+    ``flatten_by_dtype``): one pass over the leaves of each dtype and their
+    flat state on XLA:CPU. None where that path does not apply (the caller
+    then takes ``update`` and ``apply_updates``)."""
+    _validation.check_state(state, ScaleByAmsgradState, name="scale_by_amsgrad")
+    g_leaves, treedef = jax.tree.flatten(grads)
+    p_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
+    # One weight-decay flag for every leaf (a mask goes outside the flat
+    # layout).
+    decays = {bool(x) for x in jax.tree.leaves(applying.decay)}
+    if len(decays) > 1 or not isinstance(state.mu, dict):
+      return None
+    decay = next(iter(decays), False)
+    groups: dict[str, list[int]] = {}
+    for i, g in enumerate(g_leaves):
+      groups.setdefault(jnp.result_type(g).name, []).append(i)
+    names = sorted(state.mu)
+    if sorted(groups) != names:
+      return None
+    for name, indices in groups.items():
+      size = sum(int(np.prod(jnp.shape(g_leaves[i]), dtype=np.int64)) for i in indices)
+      m, v, v_max = (tree[name] for tree in (state.mu, state.nu, state.nu_max))
+      first = indices[0]
+      if (m.size != size or _moments.kernel_signature(
+          g_leaves[first], m, v, v_max, p_leaves[first]) is None
+          or any(jnp.result_type(p_leaves[i]) != jnp.result_type(g_leaves[i])
+                 for i in indices)):
+        return None
+    _validation.check_decays_representable({"b1": b1, "b2": b2}, grads)
+    count = optax.safe_increment(state.count)
+    b1_checked: Any = b1
+    b1_t = _validation.resolve_b1(b1_checked, state.count)
+    new_p: list[Any] = list(p_leaves)
+    new_state: dict[str, dict[str, jax.Array]] = {"mu": {}, "nu": {}, "nu_max": {}}
+    for leaf_index, name in enumerate(names):
+      indices = groups[name]
+      dtype = _moments.compute_dtypes(jnp.result_type(g_leaves[indices[0]]))[1]
+      c = _coefficients(convention, dtype, count, b1_t, b2, eps, eps_root)
+      ps, (m, v, v_max) = _moments.stepped_flat(
+          _moments.MomentCoefficients(
+              c.b1, c.b2, c.one_minus_b1, c.one_minus_b2, c.nu_max_scale
+          ),
+          _moments.Direction(c.eps, c.eps_root, c.numerator, c.denominator),
+          jnp.asarray(applying.step_size), jnp.asarray(applying.weight_decay),
+          [(g_leaves[i], p_leaves[i]) for i in indices],
+          (state.mu[name], state.nu[name], state.nu_max[name]),
+          decay=decay,
+          stochastic=state_rounding == "stochastic", seed=jnp.uint32(seed),
+          step_count=count, leaf_index=leaf_index,
+      )
+      for i, p in zip(indices, ps, strict=True):
+        new_p[i] = p
+      new_state["mu"][name], new_state["nu"][name], new_state["nu_max"][name] = m, v, v_max
+    return treedef.unflatten(new_p), ScaleByAmsgradState(  # type: ignore[attr-defined]
+        count=count, **new_state
+    )
+
   _APPLY_FUNCTIONS[update_fn] = apply_fn
+  _FLAT_APPLY_FUNCTIONS[update_fn] = flat_apply_fn
   return optax.GradientTransformation(init_fn, update_fn)

@@ -382,14 +382,23 @@ Leaf<G, M, V> Typed(const UntypedLeaf& leaf, bool apply) {
   };
 }
 
+// Where the state of each leaf lives when it is one flat buffer per call
+// (`flatten_by_dtype`): leaf i's elements of row r start at
+// r * row_length + starts[i], and the random bits take that flat position.
+struct FlatLayout {
+  int64_t row_length;
+  std::vector<int64_t> starts;
+};
+
 // Runs all leaves of one call on the thread pool: blocks of elements are cut
 // across leaves (many small leaves share a block, a large one spans many),
 // and within a leaf at its rows (each row has its own coefficients and keys).
-// `keys` holds [row][leaf][m, v].
+// `keys` holds [row][leaf][m, v], or [row][m, v] with a flat state.
 template <typename G, typename M, typename V, typename C, bool kApply>
 void RunLeaves(ffi::ThreadPool& pool, const C* k, const uint32_t* keys,
                const std::vector<Leaf<G, M, V>>& leaves, const std::vector<int64_t>& offsets,
-               int64_t rows, bool stochastic, ffi::Span<const int64_t> decay) {
+               int64_t rows, bool stochastic, ffi::Span<const int64_t> decay,
+               const FlatLayout* flat) {
   const int64_t num_leaves = static_cast<int64_t>(leaves.size());
   ParallelFor(pool, offsets.back(), [&](int64_t lo, int64_t hi) {
     int64_t leaf = std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
@@ -400,11 +409,27 @@ void RunLeaves(ffi::ThreadPool& pool, const C* k, const uint32_t* keys,
       while (lo < leaf_end) {
         const int64_t local = lo - leaf_begin;
         const int64_t row = local / row_size;
-        const int64_t row_begin = row * row_size;
+        int64_t row_begin = row * row_size;
         const int64_t end = std::min(leaf_end - leaf_begin, row_begin + row_size);
         const C* row_k = k + row * kNumCoefficients;
-        const uint32_t* row_keys = keys + 2 * (row * num_leaves + leaf);
-        const Leaf<G, M, V>& buffers = leaves[leaf];
+        Leaf<G, M, V> buffers = leaves[leaf];
+        const uint32_t* row_keys;
+        if (flat != nullptr) {
+          // State element of local index j in this row: row * row_length +
+          // start + (j - row_begin), never before the buffer's start.
+          const int64_t start = flat->starts[leaf];
+          const int64_t shift = row * flat->row_length + start - row_begin;
+          buffers.m += shift;
+          buffers.v += shift;
+          buffers.v_max += shift;
+          buffers.m_out += shift;
+          buffers.v_out += shift;
+          buffers.v_max_out += shift;
+          row_begin -= start;  // the random bits follow the flat position
+          row_keys = keys + 2 * row;
+        } else {
+          row_keys = keys + 2 * (row * num_leaves + leaf);
+        }
         const bool decays = kApply && decay[leaf] != 0;
 #define AMSGRAD_ROW(STOCHASTIC, DECAY)                                            \
   Row<G, M, V, C, STOCHASTIC, kApply, DECAY>(row_k, row_keys, buffers, row_begin, \
@@ -422,8 +447,10 @@ void RunLeaves(ffi::ThreadPool& pool, const C* k, const uint32_t* keys,
   });
 }
 
-// Both handlers: `apply` says whether the params are among the buffers.
-ffi::Error Run(const char* name, bool apply, ffi::ThreadPool& pool,
+// All handlers: `apply` says whether the params are among the buffers,
+// `flat` whether the state is one flat buffer per call (after the leaves'
+// g and p) rather than three buffers per leaf.
+ffi::Error Run(const char* name, bool apply, bool flat, ffi::ThreadPool& pool,
                const ffi::AnyBuffer& coefficients, const ffi::AnyBuffer& keys,
                const ffi::RemainingArgs& args, const ffi::RemainingRets& rets,
                bool stochastic, ffi::Span<const int64_t> decay) {
@@ -432,23 +459,53 @@ ffi::Error Run(const char* name, bool apply, ffi::ThreadPool& pool,
     return ffi::Error::InvalidArgument(std::string(name) + ": " + what);
   };
   const int64_t num_leaves = static_cast<int64_t>(decay.size());
-  const int64_t per_leaf_args = apply ? 5 : 4, per_leaf_rets = apply ? 4 : 3;
-  if (num_leaves == 0 || static_cast<int64_t>(args.size()) != per_leaf_args * num_leaves ||
-      static_cast<int64_t>(rets.size()) != per_leaf_rets * num_leaves) {
+  // Operands and results of each leaf, and those of the call's flat state.
+  const int64_t per_leaf_args = flat ? 2 : (apply ? 5 : 4);
+  const int64_t per_leaf_rets = flat ? 1 : (apply ? 4 : 3);
+  const int64_t shared = flat ? 3 : 0;
+  if (num_leaves == 0 ||
+      static_cast<int64_t>(args.size()) != per_leaf_args * num_leaves + shared ||
+      static_cast<int64_t>(rets.size()) != per_leaf_rets * num_leaves + shared) {
     return fail("the buffers do not match the number of leaves");
   }
   const int64_t rows = coefficients.element_count() / kNumCoefficients;
+  const int64_t key_sets = flat ? 1 : num_leaves;
   if (rows == 0 || rows * kNumCoefficients != coefficients.element_count() ||
-      keys.element_type() != DT::U32 || keys.element_count() != 2 * rows * num_leaves) {
+      keys.element_type() != DT::U32 || keys.element_count() != 2 * rows * key_sets) {
     return fail("inconsistent coefficients or keys");
+  }
+  // The flat state, when there is one: m, v, v_max after every leaf's g, p.
+  std::array<const void*, 3> flat_in{};
+  std::array<void*, 3> flat_out{};
+  std::array<DT, 3> flat_types{};
+  int64_t flat_size = 0;
+  for (int64_t j = 0; j < shared; ++j) {
+    auto in = args.get<ffi::AnyBuffer>(per_leaf_args * num_leaves + j);
+    auto out = rets.get<ffi::AnyBuffer>(per_leaf_rets * num_leaves + j);
+    if (!in || !out) return fail("an operand or result is not a buffer");
+    flat_in[j] = in->untyped_data();
+    flat_out[j] = (*out)->untyped_data();
+    flat_types[j] = in->element_type();
+    if (j > 0 && static_cast<int64_t>(in->element_count()) != flat_size) {
+      return fail("the flat state buffers differ in size");
+    }
+    flat_size = static_cast<int64_t>(in->element_count());
   }
   std::vector<UntypedLeaf> leaves;
   std::vector<int64_t> offsets{0};
+  FlatLayout layout{0, {}};
   for (int64_t i = 0; i < num_leaves; ++i) {
     UntypedLeaf leaf{};
-    // Operand j of the leaf: g, [p,] m, v, v_max; without p, g stands in.
+    // Operand j of the leaf: g, p, m, v, v_max; without p, g stands in; with
+    // a flat state, m, v and v_max are the call's.
     const int64_t first_arg = per_leaf_args * i, first_ret = per_leaf_rets * i;
     for (int64_t j = 0; j < 5; ++j) {
+      if (flat && j >= 2) {
+        leaf.in[j] = flat_in[j - 2];
+        leaf.types[j] = flat_types[j - 2];
+        leaf.sizes[j] = -1;  // checked against the sum below
+        continue;
+      }
       const int64_t index = apply ? j : (j == 0 ? 0 : j - 1);
       auto buffer = args.get<ffi::AnyBuffer>(first_arg + index);
       if (!buffer) return fail("an operand is not a buffer");
@@ -456,24 +513,36 @@ ffi::Error Run(const char* name, bool apply, ffi::ThreadPool& pool,
       leaf.types[j] = buffer->element_type();
       leaf.sizes[j] = static_cast<int64_t>(buffer->element_count());
     }
-    // Results: [p,] m, v, v_max; without p, none.
+    // Results: p, m, v, v_max; without p, none; with a flat state, the call's.
     for (int64_t j = apply ? 0 : 1; j < 4; ++j) {
+      if (flat && j >= 1) {
+        leaf.out[j] = flat_out[j - 1];
+        continue;
+      }
       auto buffer = rets.get<ffi::AnyBuffer>(first_ret + j - (apply ? 0 : 1));
       if (!buffer) return fail("a result is not a buffer");
       leaf.out[j] = (*buffer)->untyped_data();
     }
     const int64_t n = leaf.sizes[0];
     for (int64_t size : leaf.sizes) {
-      if (size != n || n % rows != 0) return fail("the buffers of a leaf differ in size");
+      if ((size != n && size != -1) || n % rows != 0) {
+        return fail("the buffers of a leaf differ in size");
+      }
     }
     const UntypedLeaf& first = leaves.empty() ? leaf : leaves.front();
     if (leaf.types != first.types || leaf.types[1] != leaf.types[0] ||
         leaf.types[4] != leaf.types[3]) {
       return fail("the leaves of a call differ in dtype");
     }
+    layout.starts.push_back(layout.row_length);
+    layout.row_length += n / rows;
     leaves.push_back(leaf);
     offsets.push_back(offsets.back() + n);
   }
+  if (flat && flat_size != offsets.back()) {
+    return fail("the flat state does not hold the leaves");
+  }
+  const FlatLayout* flat_layout = flat ? &layout : nullptr;
   const DT c = coefficients.element_type();
   const DT gt = leaves[0].types[0], mt = leaves[0].types[2], vt = leaves[0].types[3];
 #define AMSGRAD_CASE(CT, GT, MT, VT, C, G, M, V)                                      \
@@ -486,9 +555,11 @@ ffi::Error Run(const char* name, bool apply, ffi::ThreadPool& pool,
     const C* k = reinterpret_cast<const C*>(coefficients.untyped_data());             \
     const uint32_t* key = reinterpret_cast<const uint32_t*>(keys.untyped_data());     \
     if (apply) {                                                                      \
-      RunLeaves<G, M, V, C, true>(pool, k, key, typed, offsets, rows, stochastic, decay); \
+      RunLeaves<G, M, V, C, true>(pool, k, key, typed, offsets, rows, stochastic, decay, \
+                                  flat_layout);                                       \
     } else {                                                                          \
-      RunLeaves<G, M, V, C, false>(pool, k, key, typed, offsets, rows, stochastic, decay); \
+      RunLeaves<G, M, V, C, false>(pool, k, key, typed, offsets, rows, stochastic, decay, \
+                                   flat_layout);                                      \
     }                                                                                 \
     return ffi::Error::Success();                                                     \
   }
@@ -501,14 +572,23 @@ ffi::Error MomentsHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
                           ffi::AnyBuffer keys, ffi::RemainingArgs args,
                           ffi::RemainingRets rets, bool stochastic,
                           ffi::Span<const int64_t> leaves) {
-  return Run("amsgrad_moments", false, pool, coefficients, keys, args, rets, stochastic,
-             leaves);
+  return Run("amsgrad_moments", false, false, pool, coefficients, keys, args, rets,
+             stochastic, leaves);
 }
 
 ffi::Error StepHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
                        ffi::AnyBuffer keys, ffi::RemainingArgs args, ffi::RemainingRets rets,
                        bool stochastic, ffi::Span<const int64_t> decay) {
-  return Run("amsgrad_step", true, pool, coefficients, keys, args, rets, stochastic, decay);
+  return Run("amsgrad_step", true, false, pool, coefficients, keys, args, rets, stochastic,
+             decay);
+}
+
+ffi::Error FlatStepHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
+                           ffi::AnyBuffer keys, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets, bool stochastic,
+                           ffi::Span<const int64_t> decay) {
+  return Run("amsgrad_flat_step", true, true, pool, coefficients, keys, args, rets,
+             stochastic, decay);
 }
 
 }  // namespace
@@ -537,6 +617,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradStep, StepHandler,
                                   .Attr<bool>("stochastic")
                                   .Attr<ffi::Span<const int64_t>>("decay"));
 
+// Operands: coefficients, keys ([..., m and v]), then per leaf g, p, then the
+// flat m, v, v_max holding every leaf in order. Results: per leaf p, then the
+// flat m, v, v_max. Attribute `decay`: per leaf, 1 to add the weight decay.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradFlatStep, FlatStepHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // coefficients
+                                  .Arg<ffi::AnyBuffer>()  // keys
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<bool>("stochastic")
+                                  .Attr<ffi::Span<const int64_t>>("decay"));
+
 // The Python module: `handlers()` gives the handlers as capsules for
 // jax.ffi.register_ffi_target.
 namespace {
@@ -547,6 +640,7 @@ PyObject* Handlers(PyObject*, PyObject*) {
   const std::pair<const char*, void*> entries[] = {
       {"moments", reinterpret_cast<void*>(&AmsgradMoments)},
       {"step", reinterpret_cast<void*>(&AmsgradStep)},
+      {"flat_step", reinterpret_cast<void*>(&AmsgradFlatStep)},
   };
   for (const auto& [name, handler] : entries) {
     PyObject* capsule = PyCapsule_New(handler, nullptr, nullptr);

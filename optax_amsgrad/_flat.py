@@ -146,6 +146,11 @@ def flatten_by_dtype(
   the params' dtypes. Leaves sharded over several devices are gathered by the
   concatenation; keep the default layout for sharded models.
 
+  :func:`optax_amsgrad.apply_step` on ``flatten_by_dtype(amsgrad(...))`` (or
+  ``amsgradw`` without a mask) skips the raveling and the cutting on CPU: one
+  pass reads each leaf's gradient and params and the flat state, and writes
+  the params and the state in place.
+
   Examples:
     >>> import jax
     >>> import jax.numpy as jnp

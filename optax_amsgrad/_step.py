@@ -87,10 +87,11 @@ def apply_step(
     updates, state = solver.update(grads, state, params)
     params = optax.apply_updates(params, updates)
 
-  For a solver made by :func:`amsgrad` or :func:`amsgradw` (not wrapped), on
-  CPU, each float32 or float64 leaf is updated in one pass over memory: the
-  moments, the update and the params together (36 bytes per float32 param,
-  the least an AMSGrad step can move, against 44 through ``update`` and
+  For a solver made by :func:`amsgrad` or :func:`amsgradw` (not wrapped, or
+  wrapped only in :func:`flatten_by_dtype` without a mask), on CPU, each
+  float32 or float64 leaf is updated in one pass over memory: the moments,
+  the update and the params together (36 bytes per float32 param, the least
+  an AMSGrad step can move, against 44 through ``update`` and
   ``apply_updates``). The result is that of the two calls above to within
   one rounding per operation (XLA may fuse a multiply and an add that the
   one-pass kernel rounds separately). Any other solver, leaf or platform

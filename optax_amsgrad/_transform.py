@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_amsgrad import _moments, _validation
+from optax_amsgrad import _dispatch, _moments, _validation
 
 Convention = Literal["pytorch", "keras", "optax", "paper"]
 StateRounding = Literal["stochastic", "nearest"]
@@ -380,7 +380,7 @@ def scale_by_amsgrad(
     for i, (g, m, v, v_max, p) in enumerate(
         zip(g_leaves, m_leaves, v_leaves, v_max_leaves, p_leaves, strict=True)
     ):
-      signature = _moments.kernel_signature(g, m, v, v_max, p)
+      signature = _dispatch.kernel_signature(g, m, v, v_max, p)
       if signature is not None:
         chunks = together.setdefault(signature, [[]])
         if len(chunks[-1]) == _LEAVES_PER_CALL:
@@ -408,7 +408,7 @@ def scale_by_amsgrad(
       rounding_args = {"stochastic": stochastic, "seed": seed_bits, "step_count": count,
                        "leaf_indices": indices}
       if applying is not None:
-        group = _moments.stepped_together(
+        group = _dispatch.stepped_together(
             moment_coefficients, direction, step_size, weight_decay,
             [(g_leaves[i], p_leaves[i], m_leaves[i], v_leaves[i], v_max_leaves[i])
              for i in indices],
@@ -417,7 +417,7 @@ def scale_by_amsgrad(
         for i, leaf in zip(indices, group, strict=True):
           results[i] = leaf
       else:
-        group = _moments.stored_together(
+        group = _dispatch.stored_together(
             moment_coefficients,
             [(g_leaves[i], m_leaves[i], v_leaves[i], v_max_leaves[i]) for i in indices],
             **rounding_args,
@@ -482,7 +482,7 @@ def scale_by_amsgrad(
       size = sum(int(np.prod(jnp.shape(g_leaves[i]), dtype=np.int64)) for i in indices)
       m, v, v_max = (tree[name] for tree in (state.mu, state.nu, state.nu_max))
       first = indices[0]
-      if (m.size != size or _moments.kernel_signature(
+      if (m.size != size or _dispatch.kernel_signature(
           g_leaves[first], m, v, v_max, p_leaves[first]) is None
           or any(jnp.result_type(p_leaves[i]) != jnp.result_type(g_leaves[i])
                  for i in indices)):
@@ -497,7 +497,7 @@ def scale_by_amsgrad(
       indices = groups[name]
       dtype = _moments.compute_dtypes(jnp.result_type(g_leaves[indices[0]]))[1]
       c = _coefficients(convention, dtype, count, b1_t, b2, eps, eps_root)
-      ps, (m, v, v_max) = _moments.stepped_flat(
+      ps, (m, v, v_max) = _dispatch.stepped_flat(
           _moments.MomentCoefficients(
               c.b1, c.b2, c.one_minus_b1, c.one_minus_b2, c.nu_max_scale
           ),

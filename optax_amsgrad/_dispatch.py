@@ -1,0 +1,483 @@
+"""Where each leaf's step runs: the CPU handlers, or XLA.
+
+On XLA:CPU, for the dtypes they cover, compiled handlers (``_cpu_kernel``)
+update ``m``, ``v`` and ``v_max`` (and, for ``apply_step``, the params) of many
+leaves in one pass; elsewhere XLA computes ``_moments``' arithmetic. Both
+evaluate the same operations in the same order; XLA:CPU may contract
+``a * b + c`` into a fused multiply-add where the handlers do not, so the two
+agree to within a rounding of each operation (tests/test_cpu_kernel.py).
+
+A handler is an opaque call to XLA, so it brings its own rules: under vmap it
+takes the batch as leading rows, on sharded arrays it runs on each shard where
+the arrays live (no gathering), like the elementwise XLA path, and its
+derivative is the XLA path's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+from optax_amsgrad import _cpu_kernel, _rounding
+from optax_amsgrad._moments import (
+    Direction,
+    MomentCoefficients,
+    Rounding,
+    Step,
+    compute_dtypes,
+    xla_stepped,
+    xla_stored,
+)
+
+
+def kernel_signature(
+    g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array, p: jax.Array | None = None
+) -> tuple[Any, ...] | None:
+  """The dtypes that put a leaf in a handler call, or None where the CPU
+  handlers do not cover it (complex, float16, mixed precision other than
+  bfloat16 storage, params outside the compute dtype for the step)."""
+  _, v_dtype = compute_dtypes(g.dtype)
+  if p is not None and not (p.dtype == g.dtype == v_dtype):
+    return None
+  if v_max.dtype != v.dtype or not _cpu_kernel.supports(v_dtype, g.dtype, m.dtype, v.dtype):
+    return None
+  return (v_dtype, g.dtype, m.dtype, v.dtype, p is not None)
+
+
+def stored_together(
+    c: MomentCoefficients,
+    leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
+    *,
+    stochastic: bool,
+    seed: jax.Array,
+    step_count: jax.Array,
+    leaf_indices: Sequence[int],
+) -> list[tuple[jax.Array, ...]]:
+  """The stored ``(m, v, v_max)`` of leaves ``(g, m, v, v_max)`` that share a
+  ``kernel_signature``: one handler call for all of them on XLA:CPU, the XLA
+  path elsewhere."""
+  call = _KernelCall(stochastic, tuple(leaf_indices), False, (False,) * len(leaves))
+  return _dispatch(call, c._asdict(), seed, step_count, leaves)
+
+
+def stepped_together(
+    c: MomentCoefficients,
+    d: Direction,
+    step_size: jax.Array,
+    weight_decay: jax.Array,
+    leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]],
+    *,
+    decay: Sequence[bool],
+    stochastic: bool,
+    seed: jax.Array,
+    step_count: jax.Array,
+    leaf_indices: Sequence[int],
+) -> list[tuple[jax.Array, ...]]:
+  """``(p, m, v, v_max)`` after the step for leaves ``(g, p, m, v, v_max)``
+  that share a ``kernel_signature``: one pass over all of them on XLA:CPU,
+  the XLA path elsewhere."""
+  call = _KernelCall(stochastic, tuple(leaf_indices), True, tuple(bool(x) for x in decay))
+  values = {**c._asdict(), **d._asdict(), "step_size": step_size,
+            "weight_decay": weight_decay}
+  return _dispatch(call, values, seed, step_count, leaves)
+
+
+class _KernelCall(NamedTuple):
+  """The static part of one handler call."""
+
+  stochastic: bool
+  leaf_indices: tuple[int, ...]
+  apply: bool
+  decay: tuple[bool, ...]
+
+  @property
+  def arrays_per_leaf(self) -> int:
+    return 5 if self.apply else 4
+
+  def subset(self, positions: Sequence[int]) -> _KernelCall:
+    return _KernelCall(self.stochastic, tuple(self.leaf_indices[i] for i in positions),
+                       self.apply, tuple(self.decay[i] for i in positions))
+
+
+# The scalar operands of a handler call: every coefficient, then seed and
+# count; the arrays of each leaf follow (g, [p,] m, v, v_max).
+_NUM_SCALARS = len(_cpu_kernel.COEFFICIENTS) + 2
+
+
+def _split(
+    call: _KernelCall, operands: Sequence[Any]
+) -> tuple[dict[str, Any], Any, Any, list[tuple[Any, ...]]]:
+  values = dict(zip(_cpu_kernel.COEFFICIENTS, operands, strict=False))
+  seed, count = operands[_NUM_SCALARS - 2], operands[_NUM_SCALARS - 1]
+  arrays = operands[_NUM_SCALARS:]
+  n = call.arrays_per_leaf
+  leaves = [tuple(arrays[i: i + n]) for i in range(0, len(arrays), n)]
+  return values, seed, count, leaves
+
+
+def _dispatch(
+    call: _KernelCall,
+    values: dict[str, jax.Array],
+    seed: jax.Array,
+    step_count: jax.Array,
+    leaves: Sequence[tuple[jax.Array, ...]],
+) -> list[tuple[jax.Array, ...]]:
+  dtype = compute_dtypes(leaves[0][0].dtype)[1]
+  scalars = [jnp.asarray(values.get(name, 0), dtype) for name in _cpu_kernel.COEFFICIENTS]
+  operands = (*scalars, seed, step_count, *(x for leaf in leaves for x in leaf))
+  # Resolved when lowering: the handlers are registered for XLA:CPU only.
+  flat: tuple[jax.Array, ...] = jax.lax.platform_dependent(
+      *operands,
+      cpu=_kernel_function(call),
+      default=functools.partial(_xla_call, call),
+  )
+  n = call.arrays_per_leaf - 1
+  return [tuple(flat[i: i + n]) for i in range(0, len(flat), n)]
+
+
+def _xla_call(
+    call: _KernelCall, *operands: jax.Array,
+    indices: Sequence[jax.Array | None] | None = None,
+) -> tuple[jax.Array, ...]:
+  """What the handler computes, by XLA, from the handler's operands (flat
+  results). ``indices`` gives each leaf's global element positions."""
+  values, seed, count, leaves = _split(call, operands)
+  c = MomentCoefficients(**{k: values[k] for k in MomentCoefficients._fields})
+  d = Direction(**{k: values[k] for k in Direction._fields})
+  out: list[jax.Array] = []
+  for i, leaf in enumerate(leaves):
+    rounding = Rounding(call.stochastic, seed, count, call.leaf_indices[i])
+    index = None if indices is None else indices[i]
+    if call.apply:
+      step = Step(values["step_size"], values["weight_decay"], call.decay[i])
+      out.extend(xla_stepped(c, d, step, *leaf, rounding=rounding, split_complex=False,
+                              index=index))
+    else:
+      out.extend(xla_stored(c, *leaf, rounding=rounding, split_complex=False, index=index))
+  return tuple(out)
+
+
+def _needs_keys(stochastic: bool, g: Any, m: Any, v: Any) -> bool:
+  _, v_dtype = compute_dtypes(g.dtype)
+  return stochastic and (
+      _rounding.is_narrowing(v_dtype, m.dtype) or _rounding.is_narrowing(v_dtype, v.dtype)
+  )
+
+
+def _call_kernel(call: _KernelCall, *operands: jax.Array) -> tuple[jax.Array, ...]:
+  """The handler on arrays with optional leading batch dimensions, shared by
+  every scalar (one row per batch element)."""
+  values, seed, count, leaves = _split(call, operands)
+  g, m, v = leaves[0][0], leaves[0][-3], leaves[0][-2]
+  dtype = compute_dtypes(g.dtype)[1]
+  packed = _cpu_kernel.pack(values, dtype)
+  batch = packed.shape[:-1]
+  if _needs_keys(call.stochastic, g, m, v):
+    keys = jnp.stack([
+        jnp.stack([_rounding.stream_key(seed, count, buffer, index)
+                   for buffer in ("mu", "nu")], axis=-1)
+        for index in call.leaf_indices
+    ], axis=-2)
+  else:
+    keys = jnp.zeros((*batch, len(leaves), 2), jnp.uint32)
+  if call.apply:
+    results = _cpu_kernel.step(packed, keys, leaves,
+                               stochastic=call.stochastic, decay=call.decay)
+  else:
+    results = _cpu_kernel.moments(packed, keys, leaves,
+                                  stochastic=call.stochastic)
+  return tuple(x for leaf in results for x in leaf)
+
+
+@functools.cache
+def _kernel_function(call: _KernelCall) -> Any:
+  """The handler with its rules: sharding (each device updates its shards),
+  vmap (the batch as rows) and differentiation (the XLA path's derivative,
+  for meta-gradients through the update)."""
+  partitioned = _kernel_partitioned(call)
+
+  @jax.custom_batching.custom_vmap
+  def batchable(*operands: jax.Array) -> tuple[jax.Array, ...]:
+    result: tuple[jax.Array, ...] = partitioned(*operands)
+    return result
+
+  @batchable.def_vmap
+  def batched(
+      axis_size: int, in_batched: list[bool], *operands: jax.Array
+  ) -> tuple[tuple[jax.Array, ...], tuple[bool, ...]]:
+    # custom_vmap puts the batch axis first; the handler takes the batch as
+    # leading rows with one set of scalars each. Sharding rules do not apply
+    # to a vmapped call: XLA places it like any opaque call.
+    operands = tuple(
+        x if is_batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+        for x, is_batched in zip(operands, in_batched, strict=True)
+    )
+    out = _call_kernel(call, *operands)
+    return out, (True,) * len(out)
+
+  @jax.custom_jvp
+  def differentiable(*operands: jax.Array) -> tuple[jax.Array, ...]:
+    result: tuple[jax.Array, ...] = batchable(*operands)
+    return result
+
+  @differentiable.defjvp
+  def derivative(
+      primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+  ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    result: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]] = jax.jvp(
+        functools.partial(_xla_call, call), primals, tangents
+    )
+    return result
+
+  return differentiable
+
+
+def _global_index(
+    global_shape: tuple[int, ...], spec: PartitionSpec, mesh: Any
+) -> jax.Array:
+  """The global flat (row-major) position of each element of this device's
+  shard, from the mesh coordinates of the device (inside a partitioned
+  lowering, where ``axis_index`` names the mesh axes)."""
+  spec_entries = tuple(spec) + (None,) * (len(global_shape) - len(spec))
+  local_shape = []
+  offsets = []
+  for size, entry in zip(global_shape, spec_entries, strict=True):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    shards = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+    position = jnp.uint32(0)
+    for axis in axes:
+      position = position * jnp.uint32(mesh.shape[axis]) + jax.lax.axis_index(
+          axis
+      ).astype(jnp.uint32)
+    local_shape.append(size // shards)
+    offsets.append(position * jnp.uint32(size // shards))
+  strides = np.cumprod((1, *global_shape[:0:-1]), dtype=np.int64)[::-1]
+  index = jnp.zeros(local_shape, jnp.uint32)
+  for d, (offset, stride) in enumerate(zip(offsets, strides, strict=True)):
+    position_d = jax.lax.broadcasted_iota(jnp.uint32, tuple(local_shape), d) + offset
+    index = index + position_d * jnp.uint32(int(stride) & 0xFFFFFFFF)
+  return index
+
+
+@functools.cache
+def _kernel_partitioned(call: _KernelCall) -> Any:
+  """The handler as a custom partitioning: each device updates its shards of
+  the state where they live, like the elementwise XLA path."""
+  partitioned = custom_partitioning(  # type: ignore[no-untyped-call]
+      functools.partial(_call_kernel, call)
+  )
+  per_leaf = call.arrays_per_leaf
+
+  def leaf_shardings(mesh: Any, arg_shapes: Any) -> list[Any]:
+    # Each leaf's state sharding (of m) decides: its g (and p) follow, so the
+    # state never moves. Shardings without a mesh (rare) are replicated.
+    _, _, _, leaves = _split(call, arg_shapes)
+    shardings = []
+    for leaf in leaves:
+      sharding = leaf[-3].sharding
+      if not isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(mesh, PartitionSpec())  # type: ignore[no-untyped-call]
+      shardings.append(sharding)
+    return shardings
+
+  def infer(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
+    return tuple(s for s in leaf_shardings(mesh, arg_shapes) for _ in range(per_leaf - 1))
+
+  def partition(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
+    shardings = leaf_shardings(mesh, arg_shapes)
+    _, _, _, leaves = _split(call, arg_shapes)
+    # The random bits depend on each element's position in the whole leaf;
+    # the handler knows only the shard, so shards that round stochastically
+    # are rounded by XLA, with their global positions.
+    in_xla = [
+        any(entry is not None for entry in sharding.spec)
+        and _needs_keys(call.stochastic, leaf[0], leaf[-3], leaf[-2])
+        for sharding, leaf in zip(shardings, leaves, strict=True)
+    ]
+    on_kernel = [i for i, x in enumerate(in_xla) if not x]
+    on_xla = [i for i, x in enumerate(in_xla) if x]
+
+    def lower(*operands: jax.Array) -> tuple[jax.Array, ...]:
+      scalars = operands[:_NUM_SCALARS]
+      _, _, _, local = _split(call, operands)
+      results: list[tuple[jax.Array, ...] | None] = [None] * len(local)
+      if on_kernel:
+        sub = call.subset(on_kernel)
+        flat = _call_kernel(sub, *scalars, *(x for i in on_kernel for x in local[i]))
+        n = per_leaf - 1
+        for k, i in enumerate(on_kernel):
+          results[i] = tuple(flat[k * n: (k + 1) * n])
+      if on_xla:
+        sub = call.subset(on_xla)
+        indices = [_global_index(leaves[i][0].shape, shardings[i].spec, mesh)
+                   for i in on_xla]
+        flat = _xla_call(sub, *scalars, *(x for i in on_xla for x in local[i]),
+                         indices=indices)
+        n = per_leaf - 1
+        for k, i in enumerate(on_xla):
+          results[i] = tuple(flat[k * n: (k + 1) * n])
+      return tuple(x for leaf in results for x in leaf)  # type: ignore[union-attr]
+
+    scalar = NamedSharding(mesh, PartitionSpec())  # type: ignore[no-untyped-call]
+    arg_shardings = (scalar,) * _NUM_SCALARS + tuple(
+        s for s in shardings for _ in range(per_leaf)
+    )
+    result_shardings = tuple(s for s in shardings for _ in range(per_leaf - 1))
+    return mesh, lower, result_shardings, arg_shardings
+
+  def rule(mesh: Any, value_types: Any, result_types: Any) -> str:
+    operands = [""] * _NUM_SCALARS
+    results = []
+    arrays = value_types[_NUM_SCALARS:]
+    for leaf in range(len(arrays) // per_leaf):
+      rank = len(arrays[leaf * per_leaf].shape)
+      factors = " ".join(f"l{leaf}d{i}" for i in range(rank))
+      operands += [factors] * per_leaf
+      results += [factors] * (per_leaf - 1)
+    return ", ".join(operands) + " -> " + ", ".join(results)
+
+  partitioned.def_partition(  # type: ignore[no-untyped-call]
+      partition=partition,
+      infer_sharding_from_operands=infer,
+      sharding_rule=rule,
+  )
+  return partitioned
+
+
+class _FlatCall(NamedTuple):
+  """The static part of one call with a flat state (``flatten_by_dtype``):
+  the position of the flat buffer in the state's dict, and one weight-decay
+  flag for all its leaves."""
+
+  stochastic: bool
+  leaf_index: int
+  decay: bool
+
+
+def stepped_flat(
+    c: MomentCoefficients,
+    d: Direction,
+    step_size: jax.Array,
+    weight_decay: jax.Array,
+    leaves: Sequence[tuple[jax.Array, jax.Array]],
+    state: tuple[jax.Array, jax.Array, jax.Array],
+    *,
+    decay: bool,
+    stochastic: bool,
+    seed: jax.Array,
+    step_count: jax.Array,
+    leaf_index: int,
+) -> tuple[list[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
+  """The params after the step for leaves ``(g, p)`` whose state is the flat
+  ``(m, v, v_max)`` holding them all, raveled, in order: one pass on XLA:CPU;
+  elsewhere XLA on the raveled leaves, as ``flatten_by_dtype`` computes."""
+  call = _FlatCall(stochastic, leaf_index, decay)
+  values = {**c._asdict(), **d._asdict(), "step_size": step_size,
+            "weight_decay": weight_decay}
+  dtype = compute_dtypes(leaves[0][0].dtype)[1]
+  scalars = [jnp.asarray(values.get(name, 0), dtype) for name in _cpu_kernel.COEFFICIENTS]
+  operands = (*scalars, seed, step_count, *(x for leaf in leaves for x in leaf), *state)
+  flat: tuple[jax.Array, ...] = jax.lax.platform_dependent(
+      *operands,
+      cpu=_flat_kernel_function(call),
+      default=functools.partial(_flat_xla_call, call),
+  )
+  n = len(leaves)
+  m, v, v_max = flat[n:]
+  return list(flat[:n]), (m, v, v_max)
+
+
+def _split_flat(
+    operands: Sequence[Any],
+) -> tuple[dict[str, Any], Any, Any, list[Any], list[Any], tuple[Any, ...]]:
+  values = dict(zip(_cpu_kernel.COEFFICIENTS, operands, strict=False))
+  seed, count = operands[_NUM_SCALARS - 2], operands[_NUM_SCALARS - 1]
+  arrays = operands[_NUM_SCALARS:]
+  pairs, state = arrays[:-3], tuple(arrays[-3:])
+  return values, seed, count, list(pairs[0::2]), list(pairs[1::2]), state
+
+
+def _flat_xla_call(call: _FlatCall, *operands: jax.Array) -> tuple[jax.Array, ...]:
+  """What the flat handler computes, by XLA: the step on the raveled leaves,
+  then the params cut back into their shapes."""
+  values, seed, count, gs, ps, (m, v, v_max) = _split_flat(operands)
+  c = MomentCoefficients(**{k: values[k] for k in MomentCoefficients._fields})
+  d = Direction(**{k: values[k] for k in Direction._fields})
+  step = Step(values["step_size"], values["weight_decay"], call.decay)
+  rounding = Rounding(call.stochastic, seed, count, call.leaf_index)
+  batch = jnp.ndim(m) - 1  # leading vmap dimensions are not raveled
+
+  def ravel(xs: list[jax.Array]) -> jax.Array:
+    parts = [x.reshape(*x.shape[:batch], -1) for x in xs]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+  new_p, new_m, new_v, new_v_max = xla_stepped(
+      c, d, step, ravel(gs), ravel(ps), m, v, v_max, rounding=rounding,
+      split_complex=False,
+  )
+  sizes = [int(np.prod(p.shape[batch:], dtype=np.int64)) for p in ps]
+  cuts = np.cumsum(sizes)[:-1].tolist()
+  pieces = jnp.split(new_p, cuts, axis=-1) if cuts else [new_p]
+  return (*(piece.reshape(p.shape) for piece, p in zip(pieces, ps, strict=True)),
+          new_m, new_v, new_v_max)
+
+
+def _flat_call_kernel(call: _FlatCall, *operands: jax.Array) -> tuple[jax.Array, ...]:
+  values, seed, count, gs, ps, (m, v, v_max) = _split_flat(operands)
+  dtype = compute_dtypes(gs[0].dtype)[1]
+  packed = _cpu_kernel.pack(values, dtype)
+  if _needs_keys(call.stochastic, gs[0], m, v):
+    keys = jnp.stack([_rounding.stream_key(seed, count, buffer, call.leaf_index)
+                      for buffer in ("mu", "nu")], axis=-1)
+  else:
+    keys = jnp.zeros((*packed.shape[:-1], 2), jnp.uint32)
+  new_ps, state = _cpu_kernel.flat_step(
+      packed, keys, list(zip(gs, ps, strict=True)), (m, v, v_max),
+      stochastic=call.stochastic, decay=[call.decay] * len(gs),
+  )
+  return (*new_ps, *state)
+
+
+@functools.cache
+def _flat_kernel_function(call: _FlatCall) -> Any:
+  """The flat handler with a vmap rule (the batch as rows) and a JVP (the
+  XLA path's). A flat state is not meant for sharded params: the handler
+  runs on the whole arrays, as the raveling on the XLA path would."""
+
+  @jax.custom_batching.custom_vmap
+  def batchable(*operands: jax.Array) -> tuple[jax.Array, ...]:
+    return _flat_call_kernel(call, *operands)
+
+  @batchable.def_vmap
+  def batched(
+      axis_size: int, in_batched: list[bool], *operands: jax.Array
+  ) -> tuple[tuple[jax.Array, ...], tuple[bool, ...]]:
+    operands = tuple(
+        x if is_batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+        for x, is_batched in zip(operands, in_batched, strict=True)
+    )
+    out = _flat_call_kernel(call, *operands)
+    return out, (True,) * len(out)
+
+  @jax.custom_jvp
+  def differentiable(*operands: jax.Array) -> tuple[jax.Array, ...]:
+    result: tuple[jax.Array, ...] = batchable(*operands)
+    return result
+
+  @differentiable.defjvp
+  def derivative(
+      primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+  ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    result: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]] = jax.jvp(
+        functools.partial(_flat_xla_call, call), primals, tangents
+    )
+    return result
+
+  return differentiable

@@ -196,30 +196,29 @@ def _call_kernel(call: _KernelCall, *operands: jax.Array) -> tuple[jax.Array, ..
   return tuple(x for leaf in results for x in leaf)
 
 
-@functools.cache
-def _kernel_function(call: _KernelCall) -> Any:
-  """The handler with its rules: sharding (each device updates its shards),
-  vmap (the batch as rows) and differentiation (the XLA path's derivative,
-  for meta-gradients through the update)."""
-  partitioned = _kernel_partitioned(call)
+def _with_rules(
+    primal: Any, batched_call: Any, xla_call: Any
+) -> Any:
+  """``primal`` (a handler call) with a vmap rule, ``batched_call`` on the
+  operands with the batch as their leading axis (the handlers take it as
+  rows), and a JVP, that of ``xla_call`` (for meta-gradients)."""
 
   @jax.custom_batching.custom_vmap
   def batchable(*operands: jax.Array) -> tuple[jax.Array, ...]:
-    result: tuple[jax.Array, ...] = partitioned(*operands)
+    result: tuple[jax.Array, ...] = primal(*operands)
     return result
 
   @batchable.def_vmap
   def batched(
       axis_size: int, in_batched: list[bool], *operands: jax.Array
   ) -> tuple[tuple[jax.Array, ...], tuple[bool, ...]]:
-    # custom_vmap puts the batch axis first; the handler takes the batch as
-    # leading rows with one set of scalars each. Sharding rules do not apply
-    # to a vmapped call: XLA places it like any opaque call.
+    # custom_vmap puts the batch axis first. Sharding rules do not apply to a
+    # vmapped call: XLA places it like any opaque call.
     operands = tuple(
         x if is_batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
         for x, is_batched in zip(operands, in_batched, strict=True)
     )
-    out = _call_kernel(call, *operands)
+    out: tuple[jax.Array, ...] = batched_call(*operands)
     return out, (True,) * len(out)
 
   @jax.custom_jvp
@@ -232,11 +231,22 @@ def _kernel_function(call: _KernelCall) -> Any:
       primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
   ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     result: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]] = jax.jvp(
-        functools.partial(_xla_call, call), primals, tangents
+        xla_call, primals, tangents
     )
     return result
 
   return differentiable
+
+
+@functools.cache
+def _kernel_function(call: _KernelCall) -> Any:
+  """The handler with its rules: sharding (each device updates its shards),
+  vmap and differentiation."""
+  return _with_rules(
+      _kernel_partitioned(call),
+      functools.partial(_call_kernel, call),
+      functools.partial(_xla_call, call),
+  )
 
 
 def _global_index(
@@ -447,37 +457,8 @@ def _flat_call_kernel(call: _FlatCall, *operands: jax.Array) -> tuple[jax.Array,
 
 @functools.cache
 def _flat_kernel_function(call: _FlatCall) -> Any:
-  """The flat handler with a vmap rule (the batch as rows) and a JVP (the
-  XLA path's). A flat state is not meant for sharded params: the handler
-  runs on the whole arrays, as the raveling on the XLA path would."""
-
-  @jax.custom_batching.custom_vmap
-  def batchable(*operands: jax.Array) -> tuple[jax.Array, ...]:
-    return _flat_call_kernel(call, *operands)
-
-  @batchable.def_vmap
-  def batched(
-      axis_size: int, in_batched: list[bool], *operands: jax.Array
-  ) -> tuple[tuple[jax.Array, ...], tuple[bool, ...]]:
-    operands = tuple(
-        x if is_batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
-        for x, is_batched in zip(operands, in_batched, strict=True)
-    )
-    out = _flat_call_kernel(call, *operands)
-    return out, (True,) * len(out)
-
-  @jax.custom_jvp
-  def differentiable(*operands: jax.Array) -> tuple[jax.Array, ...]:
-    result: tuple[jax.Array, ...] = batchable(*operands)
-    return result
-
-  @differentiable.defjvp
-  def derivative(
-      primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
-  ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-    result: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]] = jax.jvp(
-        functools.partial(_flat_xla_call, call), primals, tangents
-    )
-    return result
-
-  return differentiable
+  """The flat handler with its vmap and differentiation rules. A flat state
+  is not meant for sharded params: the handler runs on the whole arrays, as
+  the raveling on the XLA path would."""
+  kernel = functools.partial(_flat_call_kernel, call)
+  return _with_rules(kernel, kernel, functools.partial(_flat_xla_call, call))

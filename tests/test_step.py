@@ -173,9 +173,19 @@ def test_complex_and_float16_leaves_take_the_two_calls():
                                rtol=1e-3)
 
 
-def test_vmapped_members_equal_separate_runs():
-  solver = optax_amsgrad.amsgradw(1e-2, weight_decay=0.1)
-  params = {"w": jnp.linspace(-1, 1, 96, dtype=jnp.float32).reshape(8, 12)}
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optax_amsgrad.amsgradw(1e-2, weight_decay=0.1),
+        lambda: optax_amsgrad.flatten_by_dtype(
+            optax_amsgrad.amsgrad(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+        ),
+    ],
+)
+def test_vmapped_members_equal_separate_runs(make):
+  solver = make()
+  params = {"w": jnp.linspace(-1, 1, 96, dtype=jnp.float32).reshape(8, 12),
+            "b": jnp.zeros(12, jnp.float32)}
   scales = jnp.array([0.5, 1.0, 2.0], jnp.float32)
 
   def run(scale):
@@ -187,8 +197,10 @@ def test_vmapped_members_equal_separate_runs():
 
   batched = jax.jit(jax.vmap(run))(scales)
   for i in range(3):
-    np.testing.assert_array_equal(np.asarray(jax.jit(run)(scales[i])["w"]),
-                                  np.asarray(batched["w"][i]))
+    single = jax.jit(run)(scales[i])
+    for name in params:
+      np.testing.assert_array_equal(np.asarray(single[name]),
+                                    np.asarray(batched[name][i]))
 
 
 def test_needs_params():
@@ -260,26 +272,3 @@ def test_flat_layout_with_a_mask_takes_the_two_calls():
   params = {"w": jnp.ones(8, jnp.float32)}
   compiled, _ = _compiled(solver, params)
   assert FLAT_STEP_TARGET not in compiled.as_text()
-
-
-def test_flat_layout_vmapped_members_equal_separate_runs():
-  solver = optax_amsgrad.flatten_by_dtype(
-      optax_amsgrad.amsgrad(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
-  )
-  params = {"w": jnp.linspace(-1, 1, 96, dtype=jnp.float32).reshape(8, 12),
-            "b": jnp.zeros(12, jnp.float32)}
-  scales = jnp.array([0.5, 1.0, 2.0], jnp.float32)
-
-  def run(scale):
-    p, state = params, solver.init(params)
-    for t in range(10):
-      g = jax.tree.map(lambda x, t=t: scale * jnp.sin(x + t), p)
-      p, state = optax_amsgrad.apply_step(solver, g, state, p)
-    return p
-
-  batched = jax.jit(jax.vmap(run))(scales)
-  for i in range(3):
-    single = jax.jit(run)(scales[i])
-    for name in params:
-      np.testing.assert_array_equal(np.asarray(single[name]),
-                                    np.asarray(batched[name][i]))

@@ -111,12 +111,52 @@ class _KernelCall(NamedTuple):
 _NUM_SCALARS = len(_cpu_kernel.COEFFICIENTS) + 2
 
 
+def _on_platform(
+    values: dict[str, jax.Array],
+    seed: jax.Array,
+    step_count: jax.Array,
+    arrays: Sequence[jax.Array],
+    *,
+    kernel: Any,
+    xla: Any,
+) -> tuple[jax.Array, ...]:
+  """``kernel`` on XLA:CPU, ``xla`` elsewhere (chosen when lowering: the
+  handlers are registered for XLA:CPU only), on the handler's operands: the
+  coefficients in the compute dtype (unnamed ones zero), seed, count, then
+  ``arrays``."""
+  dtype = compute_dtypes(arrays[0].dtype)[1]
+  scalars = [jnp.asarray(values.get(name, 0), dtype) for name in _cpu_kernel.COEFFICIENTS]
+  result: tuple[jax.Array, ...] = jax.lax.platform_dependent(
+      *scalars, seed, step_count, *arrays, cpu=kernel, default=xla
+  )
+  return result
+
+
+def _split_scalars(
+    operands: Sequence[Any],
+) -> tuple[dict[str, Any], Any, Any, Sequence[Any]]:
+  """(coefficients by name, seed, count, arrays) of a handler's operands."""
+  values = dict(zip(_cpu_kernel.COEFFICIENTS, operands, strict=False))
+  seed, count = operands[_NUM_SCALARS - 2: _NUM_SCALARS]
+  return values, seed, count, operands[_NUM_SCALARS:]
+
+
+def _arithmetic(values: dict[str, Any]) -> tuple[MomentCoefficients, Direction]:
+  """The named scalars of ``_moments`` from the coefficients by name."""
+  return (MomentCoefficients(**{k: values[k] for k in MomentCoefficients._fields}),
+          Direction(**{k: values[k] for k in Direction._fields}))
+
+
+def _stream_keys(seed: jax.Array, count: jax.Array, leaf_index: int) -> jax.Array:
+  """The stochastic-rounding stream keys of ``m`` and ``v``, ``[..., 2]``."""
+  return jnp.stack([_rounding.stream_key(seed, count, buffer, leaf_index)
+                    for buffer in ("mu", "nu")], axis=-1)
+
+
 def _split(
     call: _KernelCall, operands: Sequence[Any]
 ) -> tuple[dict[str, Any], Any, Any, list[tuple[Any, ...]]]:
-  values = dict(zip(_cpu_kernel.COEFFICIENTS, operands, strict=False))
-  seed, count = operands[_NUM_SCALARS - 2], operands[_NUM_SCALARS - 1]
-  arrays = operands[_NUM_SCALARS:]
+  values, seed, count, arrays = _split_scalars(operands)
   n = call.arrays_per_leaf
   leaves = [tuple(arrays[i: i + n]) for i in range(0, len(arrays), n)]
   return values, seed, count, leaves
@@ -129,14 +169,9 @@ def _dispatch(
     step_count: jax.Array,
     leaves: Sequence[tuple[jax.Array, ...]],
 ) -> list[tuple[jax.Array, ...]]:
-  dtype = compute_dtypes(leaves[0][0].dtype)[1]
-  scalars = [jnp.asarray(values.get(name, 0), dtype) for name in _cpu_kernel.COEFFICIENTS]
-  operands = (*scalars, seed, step_count, *(x for leaf in leaves for x in leaf))
-  # Resolved when lowering: the handlers are registered for XLA:CPU only.
-  flat: tuple[jax.Array, ...] = jax.lax.platform_dependent(
-      *operands,
-      cpu=_kernel_function(call),
-      default=functools.partial(_xla_call, call),
+  flat = _on_platform(
+      values, seed, step_count, [x for leaf in leaves for x in leaf],
+      kernel=_kernel_function(call), xla=functools.partial(_xla_call, call),
   )
   n = call.arrays_per_leaf - 1
   return [tuple(flat[i: i + n]) for i in range(0, len(flat), n)]
@@ -149,8 +184,7 @@ def _xla_call(
   """What the handler computes, by XLA, from the handler's operands (flat
   results). ``indices`` gives each leaf's global element positions."""
   values, seed, count, leaves = _split(call, operands)
-  c = MomentCoefficients(**{k: values[k] for k in MomentCoefficients._fields})
-  d = Direction(**{k: values[k] for k in Direction._fields})
+  c, d = _arithmetic(values)
   out: list[jax.Array] = []
   for i, leaf in enumerate(leaves):
     rounding = Rounding(call.stochastic, seed, count, call.leaf_indices[i])
@@ -180,11 +214,8 @@ def _call_kernel(call: _KernelCall, *operands: jax.Array) -> tuple[jax.Array, ..
   packed = _cpu_kernel.pack(values, dtype)
   batch = packed.shape[:-1]
   if _needs_keys(call.stochastic, g, m, v):
-    keys = jnp.stack([
-        jnp.stack([_rounding.stream_key(seed, count, buffer, index)
-                   for buffer in ("mu", "nu")], axis=-1)
-        for index in call.leaf_indices
-    ], axis=-2)
+    keys = jnp.stack([_stream_keys(seed, count, index) for index in call.leaf_indices],
+                     axis=-2)
   else:
     keys = jnp.zeros((*batch, len(leaves), 2), jnp.uint32)
   if call.apply:
@@ -317,23 +348,21 @@ def _kernel_partitioned(call: _KernelCall) -> Any:
     def lower(*operands: jax.Array) -> tuple[jax.Array, ...]:
       scalars = operands[:_NUM_SCALARS]
       _, _, _, local = _split(call, operands)
-      results: list[tuple[jax.Array, ...] | None] = [None] * len(local)
-      if on_kernel:
-        sub = call.subset(on_kernel)
-        flat = _call_kernel(sub, *scalars, *(x for i in on_kernel for x in local[i]))
-        n = per_leaf - 1
-        for k, i in enumerate(on_kernel):
+      results: list[Any] = [None] * len(local)
+      indices = [_global_index(leaves[i][0].shape, shardings[i].spec, mesh)
+                 for i in on_xla]
+      n = per_leaf - 1
+      for positions, run in (
+          (on_kernel, _call_kernel),
+          (on_xla, functools.partial(_xla_call, indices=indices)),
+      ):
+        if not positions:
+          continue
+        flat = run(call.subset(positions), *scalars,
+                   *(x for i in positions for x in local[i]))
+        for k, i in enumerate(positions):
           results[i] = tuple(flat[k * n: (k + 1) * n])
-      if on_xla:
-        sub = call.subset(on_xla)
-        indices = [_global_index(leaves[i][0].shape, shardings[i].spec, mesh)
-                   for i in on_xla]
-        flat = _xla_call(sub, *scalars, *(x for i in on_xla for x in local[i]),
-                         indices=indices)
-        n = per_leaf - 1
-        for k, i in enumerate(on_xla):
-          results[i] = tuple(flat[k * n: (k + 1) * n])
-      return tuple(x for leaf in results for x in leaf)  # type: ignore[union-attr]
+      return tuple(x for leaf in results for x in leaf)
 
     scalar = NamedSharding(mesh, PartitionSpec())  # type: ignore[no-untyped-call]
     arg_shardings = (scalar,) * _NUM_SCALARS + tuple(
@@ -391,13 +420,9 @@ def stepped_flat(
   call = _FlatCall(stochastic, leaf_index, decay)
   values = {**c._asdict(), **d._asdict(), "step_size": step_size,
             "weight_decay": weight_decay}
-  dtype = compute_dtypes(leaves[0][0].dtype)[1]
-  scalars = [jnp.asarray(values.get(name, 0), dtype) for name in _cpu_kernel.COEFFICIENTS]
-  operands = (*scalars, seed, step_count, *(x for leaf in leaves for x in leaf), *state)
-  flat: tuple[jax.Array, ...] = jax.lax.platform_dependent(
-      *operands,
-      cpu=_flat_kernel_function(call),
-      default=functools.partial(_flat_xla_call, call),
+  flat = _on_platform(
+      values, seed, step_count, [*(x for leaf in leaves for x in leaf), *state],
+      kernel=_flat_kernel_function(call), xla=functools.partial(_flat_xla_call, call),
   )
   n = len(leaves)
   m, v, v_max = flat[n:]
@@ -407,9 +432,7 @@ def stepped_flat(
 def _split_flat(
     operands: Sequence[Any],
 ) -> tuple[dict[str, Any], Any, Any, list[Any], list[Any], tuple[Any, ...]]:
-  values = dict(zip(_cpu_kernel.COEFFICIENTS, operands, strict=False))
-  seed, count = operands[_NUM_SCALARS - 2], operands[_NUM_SCALARS - 1]
-  arrays = operands[_NUM_SCALARS:]
+  values, seed, count, arrays = _split_scalars(operands)
   pairs, state = arrays[:-3], tuple(arrays[-3:])
   return values, seed, count, list(pairs[0::2]), list(pairs[1::2]), state
 
@@ -418,8 +441,7 @@ def _flat_xla_call(call: _FlatCall, *operands: jax.Array) -> tuple[jax.Array, ..
   """What the flat handler computes, by XLA: the step on the raveled leaves,
   then the params cut back into their shapes."""
   values, seed, count, gs, ps, (m, v, v_max) = _split_flat(operands)
-  c = MomentCoefficients(**{k: values[k] for k in MomentCoefficients._fields})
-  d = Direction(**{k: values[k] for k in Direction._fields})
+  c, d = _arithmetic(values)
   step = Step(values["step_size"], values["weight_decay"], call.decay)
   rounding = Rounding(call.stochastic, seed, count, call.leaf_index)
   batch = jnp.ndim(m) - 1  # leading vmap dimensions are not raveled
@@ -444,8 +466,7 @@ def _flat_call_kernel(call: _FlatCall, *operands: jax.Array) -> tuple[jax.Array,
   dtype = compute_dtypes(gs[0].dtype)[1]
   packed = _cpu_kernel.pack(values, dtype)
   if _needs_keys(call.stochastic, gs[0], m, v):
-    keys = jnp.stack([_rounding.stream_key(seed, count, buffer, call.leaf_index)
-                      for buffer in ("mu", "nu")], axis=-1)
+    keys = _stream_keys(seed, count, call.leaf_index)
   else:
     keys = jnp.zeros((*packed.shape[:-1], 2), jnp.uint32)
   new_ps, state = _cpu_kernel.flat_step(

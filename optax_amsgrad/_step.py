@@ -16,8 +16,7 @@ class _Recipe(NamedTuple):
   """What ``amsgrad``/``amsgradw`` chained, for :func:`apply_step`; ``flat``
   when wrapped in ``flatten_by_dtype``."""
 
-  apply_fn: Callable[..., Any]
-  flat_apply_fn: Callable[..., Any]
+  appliers: _transform.Appliers
   learning_rate: optax.ScalarOrSchedule
   weight_decay: jax.typing.ArrayLike | None
   mask: Any
@@ -40,11 +39,9 @@ def register(
   """Records that ``solver`` is ``core`` (a ``scale_by_amsgrad``), then
   ``add_decayed_weights(weight_decay, mask)`` unless ``weight_decay`` is None,
   then ``scale_by_learning_rate(learning_rate)``."""
-  apply_fn = _transform.apply_function(core)
-  flat_apply_fn = _transform.flat_apply_function(core)
-  assert apply_fn is not None and flat_apply_fn is not None
-  _RECIPES[solver.update] = _Recipe(apply_fn, flat_apply_fn, learning_rate, weight_decay,
-                                    mask)
+  appliers = _transform.appliers(core)
+  assert appliers is not None
+  _RECIPES[solver.update] = _Recipe(appliers, learning_rate, weight_decay, mask)
   return solver
 
 
@@ -131,8 +128,7 @@ def apply_step(
     )
   recipe = _RECIPES.get(solver.update)
   if recipe is None:
-    updates, state = solver.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    return _two_calls(solver, grads, state, params)
   chain_state = state.inner_state if recipe.flat else state
   core_state, *middle, rate_state = chain_state
   learning_rate = recipe.learning_rate
@@ -145,16 +141,23 @@ def apply_step(
       weight_decay=0.0 if recipe.weight_decay is None else recipe.weight_decay,
       decay=_decay_tree(recipe, params),
   )
-  if recipe.flat:
-    result = recipe.flat_apply_fn(grads, core_state, params, applying)
-    if result is None:
-      updates, state = solver.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-  else:
-    result = recipe.apply_fn(grads, core_state, params, applying)
+  apply = recipe.appliers.flat if recipe.flat else recipe.appliers.tree
+  result = apply(grads, core_state, params, applying)
+  if result is None:
+    return _two_calls(solver, grads, state, params)
   new_params, new_core_state = result
   # The learning rate's state: a step count for schedules, empty otherwise.
   # A constant weight decay's state does not change.
   _, new_rate_state = optax.scale_by_learning_rate(learning_rate).update({}, rate_state)
   new_state = (new_core_state, *middle, new_rate_state)
-  return new_params, type(state)(new_state) if recipe.flat else new_state
+  return new_params, state._replace(inner_state=new_state) if recipe.flat else new_state
+
+
+def _two_calls(
+    solver: optax.GradientTransformation,
+    grads: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params,
+) -> tuple[optax.Params, optax.OptState]:
+  updates, state = solver.update(grads, state, params)
+  return optax.apply_updates(params, updates), state

@@ -46,22 +46,6 @@ class ScaleByAmsgradState(NamedTuple):
   nu_max: optax.Updates
 
 
-class _Coefficients(NamedTuple):
-  """Per-step scalars; the update is ``m * numerator / (sqrt(nu_max *
-  denominator + eps_root) + eps)`` and ``nu_max`` takes ``max(nu_max, v *
-  nu_max_scale)``. Every convention is one choice of these three."""
-
-  b1: jax.Array
-  b2: jax.Array
-  one_minus_b1: jax.Array
-  one_minus_b2: jax.Array
-  eps: jax.Array
-  eps_root: jax.Array
-  numerator: jax.Array
-  denominator: jax.Array
-  nu_max_scale: jax.Array
-
-
 # Leaves per handler call: XLA's compile time grows faster than linearly in
 # the operands of one call, and beyond a few dozen leaves one call per leaf
 # group saves nothing at run time (benchmarks/README.md).
@@ -69,7 +53,7 @@ _LEAVES_PER_CALL = 32
 
 
 class Applying(NamedTuple):
-  """How a step moves the params (see ``apply_function``)."""
+  """How a step moves the params (see :class:`Appliers`)."""
 
   step_size: jax.typing.ArrayLike
   weight_decay: jax.typing.ArrayLike
@@ -77,37 +61,28 @@ class Applying(NamedTuple):
   decay: Any
 
 
-# update function of a scale_by_amsgrad -> its apply function.
-_APPLY_FUNCTIONS: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., Any]] = (
+class Appliers(NamedTuple):
+  """A ``scale_by_amsgrad``'s update followed by ``p + step_size * (u +
+  weight_decay * p)`` (the decay where ``applying.decay``), as
+  ``(grads, state, params, applying) -> (params, state)``: ``tree`` for its
+  own state, in one pass per leaf group where the CPU handler covers it;
+  ``flat`` for a state built by ``flatten_by_dtype`` (one flat buffer per
+  dtype), which returns None where that one-pass path does not apply."""
+
+  tree: Callable[..., tuple[optax.Params, ScaleByAmsgradState]]
+  flat: Callable[..., tuple[optax.Params, ScaleByAmsgradState] | None]
+
+
+# update function of a scale_by_amsgrad -> its appliers.
+_APPLIERS: weakref.WeakKeyDictionary[Callable[..., Any], Appliers] = (
     weakref.WeakKeyDictionary()
 )
 
 
-# update function of a scale_by_amsgrad -> its apply function for a state
-# made on ravel_by_dtype(params).
-_FLAT_APPLY_FUNCTIONS: weakref.WeakKeyDictionary[
-    Callable[..., Any], Callable[..., Any]
-] = weakref.WeakKeyDictionary()
-
-
-def flat_apply_function(
-    transformation: optax.GradientTransformation,
-) -> Callable[..., tuple[optax.Params, ScaleByAmsgradState] | None] | None:
-  """Like :func:`apply_function`, for a state built by ``flatten_by_dtype``
-  (one flat buffer per dtype); it returns None where that one-pass path does
-  not apply."""
-  return _FLAT_APPLY_FUNCTIONS.get(transformation.update)
-
-
-def apply_function(
-    transformation: optax.GradientTransformation,
-) -> Callable[..., tuple[optax.Params, ScaleByAmsgradState]] | None:
-  """``(grads, state, params, applying) -> (params, state)`` for a
-  ``scale_by_amsgrad`` transformation: its update followed by
-  ``p + step_size * (u + weight_decay * p)`` (the decay where
-  ``applying.decay``), in one pass per leaf where the CPU handler covers it.
-  None for any other transformation."""
-  return _APPLY_FUNCTIONS.get(transformation.update)
+def appliers(transformation: optax.GradientTransformation) -> Appliers | None:
+  """The :class:`Appliers` of a ``scale_by_amsgrad`` transformation; None for
+  any other."""
+  return _APPLIERS.get(transformation.update)
 
 
 def _complement(x: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.Array:
@@ -139,7 +114,11 @@ def _coefficients(
     b2: jax.typing.ArrayLike,
     eps: jax.typing.ArrayLike,
     eps_root: jax.typing.ArrayLike,
-) -> _Coefficients:
+) -> tuple[_moments.MomentCoefficients, _moments.Direction]:
+  """The step's scalars in ``dtype``: the update is ``m * numerator /
+  (sqrt(nu_max * denominator + eps_root) + eps)`` and ``nu_max`` takes
+  ``max(nu_max, v * nu_max_scale)``. Every convention is one choice of these
+  three."""
   t = count.astype(dtype)
   # Complements and bias corrections are taken from the hyperparameters as
   # given (host float64 when concrete), before they are cast to ``dtype``.
@@ -162,17 +141,20 @@ def _coefficients(
   elif convention == "optax":
     numerator = 1 / bias_correction1
     nu_max_scale = 1 / bias_correction2
-  return _Coefficients(
+  moment_coefficients = _moments.MomentCoefficients(
       b1=jnp.asarray(b1, dtype),
       b2=jnp.asarray(b2, dtype),
       one_minus_b1=one_minus_b1,
       one_minus_b2=one_minus_b2,
+      nu_max_scale=nu_max_scale,
+  )
+  direction = _moments.Direction(
       eps=jnp.asarray(eps, dtype),
       eps_root=jnp.asarray(eps_root, dtype),
       numerator=numerator,
       denominator=denominator,
-      nu_max_scale=nu_max_scale,
   )
+  return moment_coefficients, direction
 
 
 def _zeros_like(param: Any, dtype: jnp.dtype) -> jax.Array:
@@ -320,6 +302,26 @@ def scale_by_amsgrad(
         nu_max=zeros(nu_storage),
     )
 
+  def step_scalars(
+      state: ScaleByAmsgradState, grads: optax.Updates
+  ) -> tuple[jax.Array, Callable[[jnp.dtype], tuple[Any, Any]]]:
+    """The step count after this step and, by param dtype, the step's
+    scalars (computed once per compute dtype)."""
+    _validation.check_decays_representable({"b1": b1, "b2": b2}, grads)
+    count = optax.safe_increment(state.count)
+    # resolve_b1 passes whatever a schedule returns through jnp.asarray.
+    b1_checked: Any = b1
+    b1_t = _validation.resolve_b1(b1_checked, state.count)
+    by_dtype: dict[jnp.dtype, tuple[Any, Any]] = {}
+
+    def scalars(param_dtype: jnp.dtype) -> tuple[Any, Any]:
+      dtype = _moments.compute_dtypes(param_dtype)[1]
+      if dtype not in by_dtype:
+        by_dtype[dtype] = _coefficients(convention, dtype, count, b1_t, b2, eps, eps_root)
+      return by_dtype[dtype]
+
+    return count, scalars
+
   def step_fn(
       updates: optax.Updates,
       state: ScaleByAmsgradState,
@@ -332,21 +334,8 @@ def scale_by_amsgrad(
     updates = _validation.check_updates_match_state(
         updates, state.mu, name="scale_by_amsgrad"
     )
-    _validation.check_decays_representable({"b1": b1, "b2": b2}, updates)
-    count = optax.safe_increment(state.count)
-    # resolve_b1 passes whatever a schedule returns through jnp.asarray.
-    b1_checked: Any = b1
-    b1_t = _validation.resolve_b1(b1_checked, state.count)
+    count, parts = step_scalars(state, updates)
     seed_bits = jnp.uint32(seed)
-    coefficients_by_dtype: dict[jnp.dtype, _Coefficients] = {}
-
-    def coefficients(dtype: jnp.dtype) -> _Coefficients:
-      if dtype not in coefficients_by_dtype:
-        coefficients_by_dtype[dtype] = _coefficients(
-            convention, dtype, count, b1_t, b2, eps, eps_root
-        )
-      return coefficients_by_dtype[dtype]
-
     stochastic = state_rounding == "stochastic"
     g_leaves, treedef_ = jax.tree.flatten(updates)
     # PyTreeDef's stubs lack flatten_up_to and unflatten.
@@ -362,15 +351,6 @@ def scale_by_amsgrad(
     else:
       p_leaves = [None] * len(g_leaves)
       decays = [False] * len(g_leaves)
-
-    def parts(dtype: jnp.dtype) -> tuple[_moments.MomentCoefficients, _moments.Direction]:
-      c = coefficients(_moments.compute_dtypes(dtype)[1])
-      return (
-          _moments.MomentCoefficients(
-              c.b1, c.b2, c.one_minus_b1, c.one_minus_b2, c.nu_max_scale
-          ),
-          _moments.Direction(c.eps, c.eps_root, c.numerator, c.denominator),
-      )
 
     # (new params or updates, m, v, v_max) per leaf.
     results: list[tuple[jax.Array, ...] | None] = [None] * len(g_leaves)
@@ -487,21 +467,13 @@ def scale_by_amsgrad(
           or any(jnp.result_type(p_leaves[i]) != jnp.result_type(g_leaves[i])
                  for i in indices)):
         return None
-    _validation.check_decays_representable({"b1": b1, "b2": b2}, grads)
-    count = optax.safe_increment(state.count)
-    b1_checked: Any = b1
-    b1_t = _validation.resolve_b1(b1_checked, state.count)
+    count, parts = step_scalars(state, grads)
     new_p: list[Any] = list(p_leaves)
     new_state: dict[str, dict[str, jax.Array]] = {"mu": {}, "nu": {}, "nu_max": {}}
     for leaf_index, name in enumerate(names):
       indices = groups[name]
-      dtype = _moments.compute_dtypes(jnp.result_type(g_leaves[indices[0]]))[1]
-      c = _coefficients(convention, dtype, count, b1_t, b2, eps, eps_root)
       ps, (m, v, v_max) = _dispatch.stepped_flat(
-          _moments.MomentCoefficients(
-              c.b1, c.b2, c.one_minus_b1, c.one_minus_b2, c.nu_max_scale
-          ),
-          _moments.Direction(c.eps, c.eps_root, c.numerator, c.denominator),
+          *parts(jnp.result_type(g_leaves[indices[0]])),
           jnp.asarray(applying.step_size), jnp.asarray(applying.weight_decay),
           [(g_leaves[i], p_leaves[i]) for i in indices],
           (state.mu[name], state.nu[name], state.nu_max[name]),
@@ -516,6 +488,5 @@ def scale_by_amsgrad(
         count=count, **new_state
     )
 
-  _APPLY_FUNCTIONS[update_fn] = apply_fn
-  _FLAT_APPLY_FUNCTIONS[update_fn] = flat_apply_fn
+  _APPLIERS[update_fn] = Appliers(tree=apply_fn, flat=flat_apply_fn)
   return optax.GradientTransformation(init_fn, update_fn)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -113,30 +112,48 @@ def _call(
     target: str,
     coefficients: jax.Array,
     keys: jax.Array,
-    leaves: Sequence[Sequence[jax.Array]],
-    num_results: int,
-    **attributes: Any,
-) -> list[tuple[jax.Array, ...]]:
-  """One call for all leaves; the last ``num_results`` operands of each leaf
-  are written over by its results."""
-  operands = [x for leaf in leaves for x in leaf]
-  per_leaf = len(leaves[0])
-  results = [x for leaf in leaves for x in leaf[per_leaf - num_results:]]
-  aliases = {
-      2 + per_leaf * i + (per_leaf - num_results) + j: num_results * i + j
-      for i in range(len(leaves))
-      for j in range(num_results)
-  }
+    operands: Sequence[jax.Array],
+    written: Sequence[int],
+    *,
+    stochastic: bool,
+    decay: Sequence[bool],
+) -> tuple[jax.Array, ...]:
+  """One handler call; its results are the new values of
+  ``operands[i] for i in written``, in that order, written over them."""
   call = jax.ffi.ffi_call(
       target,
-      _like(*results),
-      input_output_aliases=aliases,
+      _like(*(operands[i] for i in written)),
+      # The coefficients and keys come first.
+      input_output_aliases={2 + i: k for k, i in enumerate(written)},
       # The handlers take leading batch dimensions: one row of coefficients
       # and keys per batch element.
       vmap_method="broadcast_all",
   )
-  flat = call(coefficients, keys, *operands, **attributes)
-  return [tuple(flat[num_results * i: num_results * (i + 1)]) for i in range(len(leaves))]
+  result: tuple[jax.Array, ...] = tuple(call(
+      coefficients, keys, *operands, stochastic=np.bool_(stochastic),
+      decay=np.asarray(decay, np.int64),
+  ))
+  return result
+
+
+def _per_leaf(
+    target: str,
+    coefficients: jax.Array,
+    keys: jax.Array,
+    leaves: Sequence[Sequence[jax.Array]],
+    num_results: int,
+    *,
+    stochastic: bool,
+    decay: Sequence[bool],
+) -> list[tuple[jax.Array, ...]]:
+  """A call over leaves of operands each, the last ``num_results`` of each
+  leaf written over by its results."""
+  per_leaf = len(leaves[0])
+  written = [per_leaf * i + j for i in range(len(leaves))
+             for j in range(per_leaf - num_results, per_leaf)]
+  flat = _call(target, coefficients, keys, [x for leaf in leaves for x in leaf], written,
+               stochastic=stochastic, decay=decay)
+  return [flat[num_results * i: num_results * (i + 1)] for i in range(len(leaves))]
 
 
 def moments(
@@ -160,9 +177,8 @@ def moments(
     ``(m, v, v_max)`` per leaf, written over the old ones when those are
     donated.
   """
-  return _call(_TARGETS["moments"], coefficients, keys, leaves, 3,
-               stochastic=np.bool_(stochastic),
-               leaf_flags=np.zeros(len(leaves), np.int64))
+  return _per_leaf(_TARGETS["moments"], coefficients, keys, leaves, 3,
+                   stochastic=stochastic, decay=[False] * len(leaves))
 
 
 def step(
@@ -180,9 +196,8 @@ def step(
   where ``u`` is the AMSGrad direction from the stored moments; ``p`` and
   ``g`` are in the compute dtype. Returns ``(p, m, v, v_max)`` per leaf.
   """
-  return _call(_TARGETS["step"], coefficients, keys, leaves, 4,
-               stochastic=np.bool_(stochastic),
-               decay=np.asarray(decay, np.int64))
+  return _per_leaf(_TARGETS["step"], coefficients, keys, leaves, 4,
+                   stochastic=stochastic, decay=decay)
 
 
 def flat_step(
@@ -199,17 +214,10 @@ def flat_step(
   ``(m, v, v_max)`` holding every leaf, raveled, in order; ``keys`` the two
   stream keys of that state, ``[..., (m, v)]``. Returns the params after the
   step per leaf and the new flat state."""
-  operands = [x for leaf in leaves for x in leaf]
   num_leaves = len(leaves)
-  aliases = {2 + 2 * i + 1: i for i in range(num_leaves)}
-  aliases.update({2 + 2 * num_leaves + j: num_leaves + j for j in range(3)})
-  call = jax.ffi.ffi_call(
-      _TARGETS["flat_step"],
-      _like(*(p for _, p in leaves), *state),
-      input_output_aliases=aliases,
-      vmap_method="broadcast_all",
-  )
-  flat = call(coefficients, keys, *operands, *state, stochastic=np.bool_(stochastic),
-              decay=np.asarray(decay, np.int64))
+  written = [2 * i + 1 for i in range(num_leaves)] + [2 * num_leaves + j for j in range(3)]
+  flat = _call(_TARGETS["flat_step"], coefficients, keys,
+               [*(x for leaf in leaves for x in leaf), *state], written,
+               stochastic=stochastic, decay=decay)
   m, v, v_max = flat[num_leaves:]
   return list(flat[:num_leaves]), (m, v, v_max)

@@ -571,9 +571,9 @@ ffi::Error Run(const char* name, bool apply, bool flat, ffi::ThreadPool& pool,
 ffi::Error MomentsHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
                           ffi::AnyBuffer keys, ffi::RemainingArgs args,
                           ffi::RemainingRets rets, bool stochastic,
-                          ffi::Span<const int64_t> leaves) {
+                          ffi::Span<const int64_t> decay) {
   return Run("amsgrad_moments", false, false, pool, coefficients, keys, args, rets,
-             stochastic, leaves);
+             stochastic, decay);
 }
 
 ffi::Error StepHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
@@ -591,44 +591,31 @@ ffi::Error FlatStepHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
              stochastic, decay);
 }
 
+// The binding all handlers share: coefficients, keys, then the buffers;
+// attribute `stochastic`, and `decay`, one entry per leaf (1 to add the
+// weight decay; unused by AmsgradMoments, whose entries only count leaves).
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()  // coefficients
+      .Arg<ffi::AnyBuffer>()  // keys
+      .RemainingArgs()
+      .RemainingRets()
+      .Attr<bool>("stochastic")
+      .Attr<ffi::Span<const int64_t>>("decay");
+}
+
 }  // namespace
 
-// Operands: coefficients, keys, then per leaf g, m, v, v_max. Results: per
-// leaf m, v, v_max. Attribute `leaf_flags`: one entry per leaf (unused values).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradMoments, MomentsHandler,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // coefficients
-                                  .Arg<ffi::AnyBuffer>()  // keys
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<bool>("stochastic")
-                                  .Attr<ffi::Span<const int64_t>>("leaf_flags"));
+// Buffers: per leaf g, m, v, v_max; results per leaf m, v, v_max.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradMoments, MomentsHandler, Binding());
 
-// Operands: coefficients, keys, then per leaf g, p, m, v, v_max. Results: per
-// leaf p, m, v, v_max. Attribute `decay`: per leaf, 1 to add the weight decay.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradStep, StepHandler,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // coefficients
-                                  .Arg<ffi::AnyBuffer>()  // keys
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<bool>("stochastic")
-                                  .Attr<ffi::Span<const int64_t>>("decay"));
+// Buffers: per leaf g, p, m, v, v_max; results per leaf p, m, v, v_max.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradStep, StepHandler, Binding());
 
-// Operands: coefficients, keys ([..., m and v]), then per leaf g, p, then the
-// flat m, v, v_max holding every leaf in order. Results: per leaf p, then the
-// flat m, v, v_max. Attribute `decay`: per leaf, 1 to add the weight decay.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradFlatStep, FlatStepHandler,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // coefficients
-                                  .Arg<ffi::AnyBuffer>()  // keys
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<bool>("stochastic")
-                                  .Attr<ffi::Span<const int64_t>>("decay"));
+// Buffers: per leaf g, p, then the flat m, v, v_max holding every leaf in
+// order (keys: [..., m and v]); results per leaf p, then the flat m, v, v_max.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradFlatStep, FlatStepHandler, Binding());
 
 // The Python module: `handlers()` gives the handlers as capsules for
 // jax.ffi.register_ffi_target.

@@ -461,13 +461,14 @@ def step_time(size: int, repeats: int) -> dict[str, Any]:
       "bf16_stochastic": optax_amsgrad.amsgrad(1e-3, **BF16),
   }
   state_bytes = {"float32": 12, "bf16_cast": 6, "bf16_stochastic": 6}
+  # name -> (optimizer, its state, how the step is taken)
   variants = {
-      f"{name}{suffix}": (optimizer, suffix)
-      for suffix in ("", ".apply_step")
-      for name, optimizer in optimizers.items()
+      f"{kind}{call}": (optimizer, kind, call)
+      for call in ("", ".apply_step")
+      for kind, optimizer in optimizers.items()
   }
   runners: dict[str, list[Any]] = {}
-  for name, (optimizer, call) in variants.items():
+  for name, (optimizer, _, call) in variants.items():
 
     def step(params, grads, state, optimizer=optimizer, call=call):
       if call:
@@ -508,9 +509,9 @@ def step_time(size: int, repeats: int) -> dict[str, Any]:
       "repeats": repeats,
       "stream_bandwidth_GBps": bandwidth / 1e9,
   }
-  for name in variants:
+  for name, (_, kind, call) in variants.items():
     # Read g and p, write p, read and write the three state buffers.
-    moved = (12 + 2 * state_bytes[name.split(".")[0]]) * size
+    moved = (12 + 2 * state_bytes[kind]) * size
     out[name] = {
         "median_ms": 1e3 * median[name],
         "min_ms": 1e3 * min(times[name]),
@@ -518,8 +519,7 @@ def step_time(size: int, repeats: int) -> dict[str, Any]:
         "fraction_of_bandwidth_limit": moved / bandwidth / median[name],
         "temp_bytes": runners[name][3],
         # Against float32 state taken the same way.
-        "ratio_to_float32": median[name] / median[name.replace(name.split(".")[0],
-                                                               "float32", 1)],
+        "ratio_to_float32": median[name] / median[f"float32{call}"],
     }
   return out
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -251,6 +253,64 @@ def test_donated_state_is_updated_in_place(options):
   assert TARGET in compiled.as_text()
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   assert compiled.memory_analysis().temp_size_in_bytes < 0.01 * state_bytes
+
+
+def _copies(tree):
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def _run_steps(step, params, state, grads, pauses):
+  for g, pause in zip(grads, pauses, strict=True):
+    params, state = step(params, state, g)
+    jax.block_until_ready(params)
+    time.sleep(pause)
+  return params, state
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}]
+)
+def test_results_do_not_depend_on_timing_or_concurrent_calls(options):
+  # Large leaves are cut into blocks shared by the caller and helper threads,
+  # which spin between back-to-back calls and sleep otherwise; a call made
+  # while another holds them runs on XLA's pool. Every way gives the same bits.
+  solver = optax_amsgrad.amsgradw(1e-2, weight_decay=1e-2, **options)
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(1000, 300)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(70_001,)), jnp.float32)}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+           for _ in range(8)]
+
+  def two_steps(params, state, grads):
+    # The second reads what the first wrote as soon as its call returns.
+    params, state = optax_amsgrad.apply_step(solver, grads, state, params)
+    return optax_amsgrad.apply_step(solver, jax.tree.map(jnp.negative, grads), state, params)
+
+  step = jax.jit(two_steps, donate_argnums=(0, 1))
+  back_to_back = _run_steps(step, _copies(params), solver.init(params), grads, [0.0] * 8)
+  paused = _run_steps(step, _copies(params), solver.init(params), grads,
+                      [0.0, 5e-5, 0.0, 2e-3, 1e-4, 0.0, 1e-2, 0.0])
+  results = [None] * 4
+
+  def run(i):
+    results[i] = _run_steps(step, _copies(params), solver.init(params), grads,
+                            [0.0, 1e-4 * i] * 4)
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(len(results))]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  for other in [paused, *results]:
+    for a, b in zip(jax.tree.leaves(back_to_back), jax.tree.leaves(other), strict=True):
+      assert _identical(a, b).all()
+  if not options:
+    with xla_path():
+      xla_step = jax.jit(two_steps)
+      expected, _ = _run_steps(xla_step, params, solver.init(params), grads, [0.0] * 8)
+    # A rounding of p and of the update (lr 1e-2) per step apart, at most.
+    for name in params:
+      np.testing.assert_allclose(back_to_back[0][name], expected[name], rtol=1e-6, atol=1e-8)
 
 
 def test_without_the_compiled_handler_everything_takes_the_xla_path():

@@ -185,17 +185,42 @@ def _xla_call(
   results). ``indices`` gives each leaf's global element positions."""
   values, seed, count, leaves = _split(call, operands)
   c, d = _arithmetic(values)
+  step_scalars = (values["step_size"], values["weight_decay"]) if call.apply else None
   out: list[jax.Array] = []
   for i, leaf in enumerate(leaves):
-    rounding = Rounding(call.stochastic, seed, count, call.leaf_indices[i])
-    index = None if indices is None else indices[i]
-    if call.apply:
-      step = Step(values["step_size"], values["weight_decay"], call.decay[i])
-      out.extend(xla_stepped(c, d, step, *leaf, rounding=rounding, split_complex=False,
-                              index=index))
-    else:
-      out.extend(xla_stored(c, *leaf, rounding=rounding, split_complex=False, index=index))
+    g, m, v = leaf[0], leaf[-3], leaf[-2]
+    # Leaves whose random bits do not depend on their position share a trace.
+    leaf_index = call.leaf_indices[i] if _needs_keys(call.stochastic, g, m, v) else 0
+    out.extend(_xla_leaf(
+        c, d, step_scalars, leaf, seed, count, None if indices is None else indices[i],
+        stochastic=call.stochastic, leaf_index=leaf_index,
+        decay=call.apply and call.decay[i],
+    ))
   return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnames=("stochastic", "leaf_index", "decay"))
+def _xla_leaf(
+    c: MomentCoefficients,
+    d: Direction,
+    step_scalars: tuple[jax.Array, jax.Array] | None,
+    leaf: tuple[jax.Array, ...],
+    seed: jax.Array,
+    count: jax.Array,
+    index: jax.Array | None,
+    *,
+    stochastic: bool,
+    leaf_index: int,
+    decay: bool,
+) -> tuple[jax.Array, ...]:
+  """One leaf of ``_xla_call``; jitted so that every leaf of the same shapes,
+  dtypes and options is traced once (a model's many equal leaves, which the
+  XLA branch of ``_on_platform`` traces even where it is not lowered)."""
+  rounding = Rounding(stochastic, seed, count, leaf_index)
+  if step_scalars is None:
+    return xla_stored(c, *leaf, rounding=rounding, split_complex=False, index=index)
+  step = Step(*step_scalars, decay)
+  return xla_stepped(c, d, step, *leaf, rounding=rounding, split_complex=False, index=index)
 
 
 def _needs_keys(stochastic: bool, g: Any, m: Any, v: Any) -> bool:

@@ -1,5 +1,6 @@
-"""The step-time benchmark runs end to end in its quick mode, so that it
-cannot rot. Nothing here looks at the timings themselves."""
+"""The benchmarks run end to end at small sizes (the step-time benchmark in
+its quick mode), so that they cannot rot. Nothing here looks at the timings
+themselves."""
 
 from __future__ import annotations
 
@@ -79,3 +80,22 @@ def test_plot_is_written_when_matplotlib_is_installed(quick_report):
   pytest.importorskip("matplotlib")
   _, out = quick_report
   assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_after_switch_runs_and_reports_every_step(tmp_path):
+  out = tmp_path / "after_switch.json"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "after_switch.py"), "--params", "5000",
+       "--rounds", "2", "--block", "3", "--pauses-ms", "0", "1", "--out", str(out)],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert [run["pause_ms"] for run in report["runs"]] == [0.0, 1.0]
+  for run in report["runs"]:
+    assert "apply_step" in run["median_ms_by_step"]
+    for name, per_step in run["median_ms_by_step"].items():
+      assert len(per_step) == 3, name
+      assert all(t > 0 for t in per_step), name
+      assert run["cpu_ms_during_pause_after"][name] >= 0, name

@@ -271,9 +271,9 @@ def _run_steps(step, params, state, grads, pauses):
     "options", [{}, {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}]
 )
 def test_results_do_not_depend_on_timing_or_concurrent_calls(options):
-  # Large leaves are cut into blocks shared by the caller and helper threads,
-  # which spin between back-to-back calls and sleep otherwise; a call made
-  # while another holds them runs on XLA's pool. Every way gives the same bits.
+  # Large leaves are cut into blocks claimed by the caller and XLA's pool,
+  # whose threads may start late or be busy with another call, and the
+  # caller spins for the last blocks. Every way gives the same bits.
   solver = optax_amsgrad.amsgradw(1e-2, weight_decay=1e-2, **options)
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(1000, 300)), jnp.float32),
@@ -281,10 +281,16 @@ def test_results_do_not_depend_on_timing_or_concurrent_calls(options):
   grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
            for _ in range(8)]
 
+  def flip(tree):
+    return jax.tree.map(lambda x: jnp.flip(x) if jnp.ndim(x) else x, tree)
+
   def two_steps(params, state, grads):
-    # The second reads what the first wrote as soon as its call returns.
+    # What the first step wrote is read as soon as its call returns, from
+    # the end (where a late thread's block would be): a step returning before
+    # every block is written would show.
     params, state = optax_amsgrad.apply_step(solver, grads, state, params)
-    return optax_amsgrad.apply_step(solver, jax.tree.map(jnp.negative, grads), state, params)
+    params, state = flip(params), flip(state)
+    return optax_amsgrad.apply_step(solver, flip(grads), state, params)
 
   step = jax.jit(two_steps, donate_argnums=(0, 1))
   back_to_back = _run_steps(step, _copies(params), solver.init(params), grads, [0.0] * 8)

@@ -32,12 +32,10 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -323,6 +321,9 @@ int64_t NowNanos() {
       .count();
 }
 
+// Longest the caller spins for the pool's last blocks before it sleeps.
+constexpr int64_t kMaxWaitSpinNanos = 100'000;
+
 // Waits with pause instructions until ready() or `nanos` have passed; says
 // whether ready() became true.
 template <typename Ready>
@@ -335,98 +336,6 @@ bool SpinUntil(const Ready& ready, int64_t nanos) {
   }
 }
 
-// Calls count as back to back when the idle time between them is at most
-// kBackToBackNanos (the gap between optimizer steps dispatched one after the
-// other from Python was 15 to 90 µs here); helpers then spin for the next call
-// for four times that idle time, at most kMaxSpinNanos.
-constexpr int64_t kBackToBackNanos = 100'000;
-constexpr int64_t kMaxSpinNanos = 200'000;
-
-// Helper threads of the element loop, one fewer than XLA's intra-op pool.
-//
-// XLA's pool puts its threads to sleep between tasks, and waking one (a futex
-// wake) took 20 to 60 µs here, a fifth of a step over 1e6 params. These
-// helpers spin after a call, but only while calls come back to back, and not
-// at all when calls are further apart (a forward and backward pass in
-// between), so that they do not take cores from the work between steps.
-// One call runs on them at a time; a concurrent call uses XLA's pool. A
-// helper that wakes late finds the blocks taken (see ParallelFor), so a call
-// never waits for one.
-class Helpers {
- public:
-  struct Job {
-    std::function<void()> work;
-    int64_t helpers;  // how many helpers join (the first `helpers` of them)
-  };
-
-  // The process's helpers, started on first use with `threads` threads.
-  static Helpers& Get(int64_t threads) {
-    static Helpers* helpers = new Helpers(threads);  // never destroyed: threads outlive main()
-    return *helpers;
-  }
-
-  int64_t size() const { return threads_; }
-
-  // Runs job.work on the caller and on job.helpers helpers; false, without
-  // running it, when another call holds the helpers.
-  bool TryRun(const std::shared_ptr<const Job>& job) {
-    if (busy_.exchange(true, std::memory_order_acquire)) return false;
-    const int64_t start = NowNanos();
-    const int64_t idle = start - last_end_;
-    spin_nanos_.store(idle <= kBackToBackNanos ? std::min(4 * idle, kMaxSpinNanos) : 0,
-                      std::memory_order_relaxed);
-    bool sleepers;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = job;
-      generation_.fetch_add(1, std::memory_order_release);
-      sleepers = sleeping_ > 0;
-    }
-    if (sleepers) wake_.notify_all();
-    job->work();
-    last_end_ = NowNanos();
-    busy_.store(false, std::memory_order_release);
-    return true;
-  }
-
- private:
-  explicit Helpers(int64_t threads) : threads_(threads) {
-    for (int64_t i = 0; i < threads; ++i) {
-      std::thread([this, i] { Loop(i); }).detach();
-    }
-  }
-
-  void Loop(int64_t index) {
-    uint64_t seen = 0;
-    for (;;) {
-      const auto called = [&] { return generation_.load(std::memory_order_acquire) != seen; };
-      if (!SpinUntil(called, spin_nanos_.load(std::memory_order_relaxed))) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        ++sleeping_;
-        wake_.wait(lock, called);
-        --sleeping_;
-      }
-      std::shared_ptr<const Job> job;
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        job = job_;
-        seen = generation_.load(std::memory_order_relaxed);
-      }
-      if (index < job->helpers) job->work();
-    }
-  }
-
-  const int64_t threads_;
-  std::atomic<bool> busy_{false};
-  int64_t last_end_ = std::numeric_limits<int64_t>::min() / 2;  // guarded by busy_
-  std::atomic<int64_t> spin_nanos_{0};
-  std::atomic<uint64_t> generation_{0};
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  int64_t sleeping_ = 0;             // guarded by mutex_
-  std::shared_ptr<const Job> job_;  // guarded by mutex_
-};
-
 struct Progress {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -434,11 +343,10 @@ struct Progress {
   std::condition_variable finished;
 };
 
-// Runs body(lo, hi) over [0, n) in blocks on the caller and the helpers (or
-// XLA's intra-op pool when another call holds them), as many threads as that
-// pool has. Blocks are claimed from a shared counter, so a helper that starts
-// late finds nothing left and returns: the caller never waits for one that
-// has not started, and cannot deadlock on a busy pool.
+// Runs body(lo, hi) over [0, n) in blocks on the caller and the intra-op
+// thread pool. Blocks are claimed from a shared counter, so a task the pool
+// starts late finds nothing left and returns: the caller never waits for a
+// task that has not started, and cannot deadlock on a busy pool.
 template <typename Body>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
@@ -459,20 +367,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
       }
     }
   };
-  Helpers& own = Helpers::Get(pool.num_threads() - 1);
-  auto job = std::make_shared<const Helpers::Job>(
-      Helpers::Job{work, std::min(helpers, own.size())});
-  if (!own.TryRun(job)) {
-    for (int64_t i = 0; i < helpers; ++i) {
-      auto task = work;
-      pool.Schedule(std::move(task));
-    }
-    work();
+  for (int64_t i = 0; i < helpers; ++i) {
+    auto task = work;
+    pool.Schedule(std::move(task));
   }
-  // The blocks still running are at most one per helper, each a few µs:
-  // spin rather than sleep and be woken.
+  work();
+  // What is left is at most one block per helper, tens of µs: spin for it
+  // rather than sleep, since waking a sleeping thread took 20 to 60 µs here.
   const auto finished = [&] { return progress->done.load(std::memory_order_acquire) == blocks; };
-  if (SpinUntil(finished, kBackToBackNanos)) return;
+  if (SpinUntil(finished, kMaxWaitSpinNanos)) return;
   std::unique_lock<std::mutex> lock(progress->mutex);
   progress->finished.wait(lock, finished);
 }

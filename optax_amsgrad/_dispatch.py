@@ -147,8 +147,11 @@ def _arithmetic(values: dict[str, Any]) -> tuple[MomentCoefficients, Direction]:
           Direction(**{k: values[k] for k in Direction._fields}))
 
 
-def _stream_keys(seed: jax.Array, count: jax.Array, leaf_index: int) -> jax.Array:
-  """The stochastic-rounding stream keys of ``m`` and ``v``, ``[..., 2]``."""
+def _stream_keys(
+    seed: jax.Array, count: jax.Array, leaf_index: int | jax.Array
+) -> jax.Array:
+  """The stochastic-rounding stream keys of ``m`` and ``v``, ``[..., 2]``
+  (``leaf_index`` broadcasts with ``seed`` and ``count``)."""
   return jnp.stack([_rounding.stream_key(seed, count, buffer, leaf_index)
                     for buffer in ("mu", "nu")], axis=-1)
 
@@ -188,18 +191,15 @@ def _xla_call(
   step_scalars = (values["step_size"], values["weight_decay"]) if call.apply else None
   out: list[jax.Array] = []
   for i, leaf in enumerate(leaves):
-    g, m, v = leaf[0], leaf[-3], leaf[-2]
-    # Leaves whose random bits do not depend on their position share a trace.
-    leaf_index = call.leaf_indices[i] if _needs_keys(call.stochastic, g, m, v) else 0
     out.extend(_xla_leaf(
-        c, d, step_scalars, leaf, seed, count, None if indices is None else indices[i],
-        stochastic=call.stochastic, leaf_index=leaf_index,
-        decay=call.apply and call.decay[i],
+        c, d, step_scalars, leaf, seed, count, jnp.uint32(call.leaf_indices[i]),
+        None if indices is None else indices[i],
+        stochastic=call.stochastic, decay=call.apply and call.decay[i],
     ))
   return tuple(out)
 
 
-@functools.partial(jax.jit, static_argnames=("stochastic", "leaf_index", "decay"))
+@functools.partial(jax.jit, static_argnames=("stochastic", "decay"))
 def _xla_leaf(
     c: MomentCoefficients,
     d: Direction,
@@ -207,15 +207,16 @@ def _xla_leaf(
     leaf: tuple[jax.Array, ...],
     seed: jax.Array,
     count: jax.Array,
+    leaf_index: jax.Array,
     index: jax.Array | None,
     *,
     stochastic: bool,
-    leaf_index: int,
     decay: bool,
 ) -> tuple[jax.Array, ...]:
-  """One leaf of ``_xla_call``; jitted so that every leaf of the same shapes,
-  dtypes and options is traced once (a model's many equal leaves, which the
-  XLA branch of ``_on_platform`` traces even where it is not lowered)."""
+  """One leaf of ``_xla_call``; jitted, with the leaf's position traced, so
+  that every leaf of the same shapes, dtypes and options is traced once (a
+  model's many equal leaves, which the XLA branch of ``_on_platform`` traces
+  even where it is not lowered)."""
   rounding = Rounding(stochastic, seed, count, leaf_index)
   if step_scalars is None:
     return xla_stored(c, *leaf, rounding=rounding, split_complex=False, index=index)
@@ -239,8 +240,10 @@ def _call_kernel(call: _KernelCall, *operands: jax.Array) -> tuple[jax.Array, ..
   packed = _cpu_kernel.pack(values, dtype)
   batch = packed.shape[:-1]
   if _needs_keys(call.stochastic, g, m, v):
-    keys = jnp.stack([_stream_keys(seed, count, index) for index in call.leaf_indices],
-                     axis=-2)
+    # All leaves' keys at once: [..., leaves, 2]. Stacked from scalars: a
+    # partitioned function may not capture an array constant.
+    positions = jnp.stack([jnp.uint32(i) for i in call.leaf_indices])
+    keys = _stream_keys(seed[..., None], count[..., None], positions)
   else:
     keys = jnp.zeros((*batch, len(leaves), 2), jnp.uint32)
   if call.apply:

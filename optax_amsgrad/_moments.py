@@ -53,7 +53,7 @@ class Rounding(NamedTuple):
   stochastic: bool
   seed: jax.Array
   step_count: jax.Array
-  leaf_index: int
+  leaf_index: int | jax.Array
 
 
 def saturate(g: jax.Array, real_dtype: jnp.dtype) -> jax.Array:

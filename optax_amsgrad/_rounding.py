@@ -93,19 +93,25 @@ def stream_key(
     seed: jax.typing.ArrayLike,
     count: jax.typing.ArrayLike,
     buffer: str,
-    leaf_index: int,
+    leaf_index: int | jax.Array,
     part: str = "real",
 ) -> jax.Array:
   """One uint32 per (seed, step, buffer, leaf, part), chained through the mixer.
 
   Each input is folded into the running key with XOR and then mixed, and both
   operations are bijections: for fixed other inputs, distinct values of any one
-  input give distinct keys.
+  input give distinct keys. ``leaf_index`` may be a uint32 array (traced, or
+  several leaves at once, broadcasting with ``seed`` and ``count``): the same
+  keys as for the Python ints, whose stream codes wrap modulo ``2**32``.
   """
-  stream_code = (leaf_index * 4 + _BUFFER_CODES[buffer] + _PART_CODES[part])
+  code = _BUFFER_CODES[buffer] + _PART_CODES[part]
+  if isinstance(leaf_index, int):
+    stream_code = jnp.uint32((leaf_index * 4 + code) & 0xFFFFFFFF)
+  else:
+    stream_code = leaf_index.astype(jnp.uint32) * jnp.uint32(4) + jnp.uint32(code)
   key = mix32(_as_uint32(seed) ^ jnp.uint32(_SEED_SALT))
   key = mix32(key ^ _as_uint32(count))
-  return mix32(key ^ jnp.uint32(stream_code & 0xFFFFFFFF))
+  return mix32(key ^ stream_code)
 
 
 def random_bits(
@@ -114,7 +120,7 @@ def random_bits(
     seed: jax.typing.ArrayLike,
     count: jax.typing.ArrayLike,
     buffer: str,
-    leaf_index: int,
+    leaf_index: int | jax.Array,
     part: str = "real",
     index: jax.Array | None = None,
 ) -> jax.Array:
@@ -249,7 +255,7 @@ def store(
     seed: jax.typing.ArrayLike,
     count: jax.typing.ArrayLike,
     buffer: str,
-    leaf_index: int,
+    leaf_index: int | jax.Array,
     index: jax.Array | None = None,
 ) -> jax.Array:
   """Casts a moment ``x`` to ``storage_dtype``, stochastically when narrowing.
@@ -263,7 +269,8 @@ def store(
     count: the step number (after the increment), so that every step draws
       fresh bits.
     buffer: ``"mu"`` or ``"nu"``; the two buffers get independent bits.
-    leaf_index: position of the leaf in the flattened tree.
+    leaf_index: position of the leaf in the flattened tree (an int, or a
+      uint32 scalar array).
     index: the flat row-major position of each element of ``x`` in the whole
       leaf (uint32, shaped like ``x``); by default its position in ``x``.
 

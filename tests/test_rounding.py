@@ -196,6 +196,24 @@ def test_bits_change_for_every_element_when_any_input_changes(change):
   assert np.all(_bits() != _bits(**change))
 
 
+def test_leaf_index_as_an_array_gives_the_same_keys():
+  # The handlers and the jitted XLA path pass leaf positions as uint32
+  # arrays (several at once, or traced); the stream codes of Python ints wrap
+  # modulo 2**32 the same way.
+  leaves = [0, 1, 7, 2**30 - 1, 2**30 + 5, 2**32 - 1]
+  for buffer in ("mu", "nu"):
+    for part in ("real", "imag"):
+      expected = [int(_rounding.stream_key(3, 17, buffer, i, part)) for i in leaves]
+      together = _rounding.stream_key(3, 17, buffer, jnp.asarray(leaves, jnp.uint32), part)
+      assert np.asarray(together).tolist() == expected
+      traced = jax.jit(lambda i, b=buffer, p=part: _rounding.stream_key(3, 17, b, i, p))
+      assert [int(traced(jnp.uint32(i))) for i in leaves] == expected
+  seeds = jnp.arange(4, dtype=jnp.uint32)[:, None]
+  rows = _rounding.stream_key(seeds, 17, "nu", jnp.asarray(leaves, jnp.uint32))
+  assert rows.shape == (4, len(leaves))
+  assert int(rows[2, 4]) == int(_rounding.stream_key(2, 17, "nu", leaves[4]))
+
+
 def test_bits_do_not_cancel_between_inputs():
   # With a key built by XOR-ing multiples of the inputs, some (seed, count)
   # pairs would give the same bits as other pairs; folding the inputs in

@@ -18,47 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-import optax_amsgrad
-
-try:
-  import torch
-except ImportError:  # the torch rows are left out
-  torch = None
-
-LEARNING_RATE = 1e-3
-
-
-def ours_step(n: int) -> Callable[[], None]:
-  solver = optax_amsgrad.amsgrad(LEARNING_RATE)
-  step = jax.jit(lambda p, s, g: optax_amsgrad.apply_step(solver, g, s, p),
-                 donate_argnums=(0, 1))
-  grads = 1e-2 * jax.random.normal(jax.random.key(0), (n,), jnp.float32)
-  carry = [jnp.full((n,), 0.5, jnp.float32)]
-  carry.append(solver.init(carry[0]))
-
-  def run() -> None:
-    carry[0], carry[1] = step(carry[0], carry[1], grads)
-    jax.block_until_ready(carry[0])
-
-  return run
-
-
-def torch_step(n: int) -> Callable[[], None]:
-  assert torch is not None
-  p = torch.full((n,), 0.5, dtype=torch.float32, requires_grad=True)
-  p.grad = 1e-2 * torch.randn(n)
-  opt = torch.optim.Adam([p], lr=LEARNING_RATE, amsgrad=True, fused=True)
-  return opt.step
+# The variants, their data and thread counts are step_time.py's (this
+# script's directory is on sys.path when it runs).
+from step_time import JaxVariant, TorchVariant, cpu_threads, make_grads, torch
 
 
 def pause(seconds: float, busy: bool) -> None:
@@ -116,11 +86,11 @@ def main() -> None:
     parser.error("--pauses-ms must not be negative")
 
   if torch is not None:
-    # As many threads as XLA's pool, as in step_time.py.
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-  steps = {"apply_step": ours_step(args.params)}
+    torch.set_num_threads(cpu_threads())
+  grads = make_grads([args.params], seed=0)
+  steps = {"apply_step": JaxVariant("ours.apply_step", [args.params], grads).run}
   if torch is not None:
-    steps["torch_fused"] = torch_step(args.params)
+    steps["torch_fused"] = TorchVariant("torch_fused", [args.params], grads).run
   runs = []
   for pause_ms in args.pauses_ms:
     medians, cpu_after = measure(steps, args.rounds, args.block, pause_ms / 1e3,

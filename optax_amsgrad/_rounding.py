@@ -101,14 +101,12 @@ def stream_key(
   Each input is folded into the running key with XOR and then mixed, and both
   operations are bijections: for fixed other inputs, distinct values of any one
   input give distinct keys. ``leaf_index`` may be a uint32 array (traced, or
-  several leaves at once, broadcasting with ``seed`` and ``count``): the same
-  keys as for the Python ints, whose stream codes wrap modulo ``2**32``.
+  several leaves at once, broadcasting with ``seed`` and ``count``); stream
+  codes wrap modulo ``2**32``.
   """
-  code = _BUFFER_CODES[buffer] + _PART_CODES[part]
-  if isinstance(leaf_index, int):
-    stream_code = jnp.uint32((leaf_index * 4 + code) & 0xFFFFFFFF)
-  else:
-    stream_code = leaf_index.astype(jnp.uint32) * jnp.uint32(4) + jnp.uint32(code)
+  position = (jnp.uint32(leaf_index & 0xFFFFFFFF) if isinstance(leaf_index, int)
+              else leaf_index.astype(jnp.uint32))
+  stream_code = position * jnp.uint32(4) + jnp.uint32(_BUFFER_CODES[buffer] + _PART_CODES[part])
   key = mix32(_as_uint32(seed) ^ jnp.uint32(_SEED_SALT))
   key = mix32(key ^ _as_uint32(count))
   return mix32(key ^ stream_code)

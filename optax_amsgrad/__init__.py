@@ -15,6 +15,7 @@ from optax_amsgrad._transform import (
     StateRounding,
     scale_by_amsgrad,
 )
+from optax_amsgrad.interop import from_keras, from_optax, from_torch, to_keras, to_optax, to_torch
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,13 @@ __all__ = [
     "apply_step",
     "cpu_kernel_available",
     "flatten_by_dtype",
+    "from_keras",
+    "from_optax",
+    "from_torch",
     "ravel_by_dtype",
     "scale_by_amsgrad",
+    "to_keras",
+    "to_optax",
+    "to_torch",
     "unravel_by_dtype",
 ]

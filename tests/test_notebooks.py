@@ -27,6 +27,7 @@ REQUIREMENTS = {
     "01_adam_vs_amsgrad.ipynb": ["matplotlib"],
     "02_two_layer_network.ipynb": ["matplotlib"],
     "03_flax_digits.ipynb": ["matplotlib", "flax", "sklearn"],
+    "04_from_pytorch.ipynb": ["matplotlib", "torch"],
 }
 
 nbformat = pytest.importorskip("nbformat")
@@ -130,6 +131,17 @@ def test_flax_digits_notebook_runs():
   accuracy = table(stdout(notebook), r"^(Adam|AMSGrad|AMSGradW)\s+([.\d]+)")
   assert set(accuracy) == {"Adam", "AMSGrad", "AMSGradW"}
   assert min(accuracy.values()) > 0.9
+
+
+@pytest.mark.slow
+def test_from_pytorch_notebook_runs():
+  notebook = execute("04_from_pytorch.ipynb")
+  text = stdout(notebook)
+  # The notebook asserts the float64 match too; check that it got there, both ways.
+  difference = table(text, r"^(JAX continuation|back in PyTorch): max relative loss "
+                           r"difference ([-.e\d]+)")
+  assert set(difference) == {"JAX continuation", "back in PyTorch"}
+  assert max(difference.values()) < 1e-9
 
 
 # --- The classic two-layer network against PyTorch, outside the notebook ----

@@ -1,10 +1,27 @@
-"""Saving and restoring optimizer state with Orbax, checked before restoring.
+"""Saving and restoring optimizer state with Orbax, checked before restoring,
+and kept through a kill.
 
 Orbax restores a checkpoint into whatever structure it is given and casts each
 array to the dtype it is asked for: a float32 ``mu`` read into a bfloat16
 target comes back silently rounded, and a mismatched shape fails without
-saying which leaf. :func:`restore` compares the checkpoint's metadata with the
-target first and raises one error listing every difference by its path.
+saying which leaf. :func:`restore` and :meth:`Manager.restore` compare the
+checkpoint's metadata with the target first and raise one error listing every
+difference by its path.
+
+Two ways to save:
+
+* :func:`save` and :func:`restore`: one checkpoint at one path.
+  ``save(path, tree, force=True)`` replaces it without a moment in which no
+  complete checkpoint is there.
+* :class:`Manager`: the checkpoints of a training run, one per saved step, in
+  one directory. It saves every ``save_interval_steps`` steps, keeps the
+  latest ``max_to_keep``, and finds the latest complete one to resume from.
+
+A process killed while saving (a preempted machine, an out-of-memory kill)
+loses at most that save: Orbax writes a checkpoint into a temporary folder
+(``<name>.orbax-checkpoint-tmp``) and renames it into place only once it is
+complete, and neither way removes the previous checkpoint before the new one
+is in place.
 
 Needs ``orbax-checkpoint`` (``pip install optax-amsgrad[checkpoint]``).
 """
@@ -12,16 +29,39 @@ Needs ``orbax-checkpoint`` (``pip install optax-amsgrad[checkpoint]``).
 from __future__ import annotations
 
 import os
+import shutil
+import types
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["CheckpointMismatchError", "restore", "save"]
+__all__ = [
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "Manager",
+    "restore",
+    "save",
+]
+
+# Orbax writes a checkpoint into a folder named like the final one plus this
+# suffix (and, in some versions, a timestamp), then renames it into place.
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
+# ``save(path, tree, force=True)`` onto a checkpoint writes the new one at
+# ``path + _NEW`` (Orbax renames it there once it is complete), renames the
+# old one to ``path + _OLD``, the new one to ``path``, and deletes the old.
+_NEW = ".orbax-amsgrad-new"
+_OLD = ".orbax-amsgrad-old"
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint's tree, shapes or dtypes differ from the target's."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """No complete checkpoint where one was asked for. The message names the
+  path and says what is there: nothing, an interrupted save, a directory
+  without a checkpoint, or (for :meth:`Manager.restore`) the steps there are."""
 
 
 def _orbax() -> Any:
@@ -35,12 +75,66 @@ def _orbax() -> Any:
   return ocp
 
 
+def _sync(name: str) -> None:
+  """Waits until every process of the job gets here."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _agreed(flag: bool) -> bool:
+  """The first process's ``flag``, on every process, so that all of them take
+  the same branch around Orbax's collective calls."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def _settle(path: str) -> None:
+  """Finishes what a replacement of the checkpoint at ``path`` left when its
+  process was killed, so that ``path`` holds the complete checkpoint that
+  :func:`restore` reads: the new one moves into place if ``path`` is missing,
+  and leftovers go. Run by the first process only."""
+  new, old = path + _NEW, path + _OLD
+  if not os.path.exists(path) and os.path.isdir(new):
+    os.rename(new, path)
+  if os.path.exists(old):
+    shutil.rmtree(old)
+  if os.path.exists(path):
+    parent, name = os.path.split(path)
+    for entry in os.listdir(parent or "."):
+      if entry.startswith(name + _NEW):
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _write(path: str, tree: Any, *, force: bool) -> None:
+  checkpointer = _orbax().StandardCheckpointer()
+  try:
+    checkpointer.save(path, tree, force=force)
+    checkpointer.wait_until_finished()
+  finally:
+    checkpointer.close()
+
+
 def save(directory: str | os.PathLike[str], tree: Any, *, force: bool = False) -> None:
   """Writes ``tree`` (optimizer state, params, or a dict of both) to
   ``directory`` with Orbax and waits until it is on disk.
 
   Sharded arrays are written shard by shard. In a job of several processes,
   call it on every process, as Orbax requires.
+
+  A process killed while saving leaves the previous checkpoint restorable.
+  With ``force=True`` onto an existing checkpoint, the new one is written
+  completely beside it (at ``<directory>.orbax-amsgrad-new``) before the old
+  one goes: the old one is renamed to ``<directory>.orbax-amsgrad-old``, the
+  new one to ``directory``, and the old one is deleted. If the process is
+  killed between the two renames, :func:`restore` reads the complete new
+  checkpoint beside the missing ``directory``, and the next :func:`save` to
+  ``directory`` moves it into place. To keep several checkpoints of a run and
+  resume from the latest, use :class:`Manager`.
 
   Examples:
     >>> import tempfile
@@ -50,15 +144,26 @@ def save(directory: str | os.PathLike[str], tree: Any, *, force: bool = False) -
     >>> state = optax_amsgrad.amsgrad(learning_rate=0.1).init({"w": jnp.ones(3)})
     >>> with tempfile.TemporaryDirectory() as directory:
     ...   checkpoint.save(directory + "/state", state)
+    ...   checkpoint.save(directory + "/state", state, force=True)  # replaces it
 
   Args:
     directory: the checkpoint's directory; it must not exist unless ``force``.
     tree: a pytree of arrays.
-    force: overwrite an existing checkpoint.
+    force: replace an existing checkpoint.
   """
-  checkpointer = _orbax().StandardCheckpointer()
-  checkpointer.save(os.path.abspath(directory), tree, force=force)
-  checkpointer.wait_until_finished()
+  path = os.path.abspath(directory)
+  if jax.process_index() == 0:
+    _settle(path)
+  _sync(f"optax_amsgrad.checkpoint.save:settled:{path}")
+  if not (force and _agreed(os.path.exists(path))):
+    _write(path, tree, force=force)
+    return
+  _write(path + _NEW, tree, force=True)
+  if jax.process_index() == 0:
+    os.rename(path, path + _OLD)
+    os.rename(path + _NEW, path)
+    shutil.rmtree(path + _OLD)
+  _sync(f"optax_amsgrad.checkpoint.save:replaced:{path}")
 
 
 def _path_tokens(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -147,10 +252,95 @@ def _differences(metadata: Any, target: Any) -> list[str]:
   return problems
 
 
+def _abstract_target(target: Any) -> Any:
+  """The target as ``jax.ShapeDtypeStruct`` leaves, with the shardings that
+  restored arrays get."""
+  uncommitted = _sharding_for_uncommitted(target)
+  return jax.tree.map(lambda leaf: _abstract(leaf, uncommitted), target)
+
+
+def _check(metadata: Any, abstract: Any, what: str) -> None:
+  """Raises CheckpointMismatchError listing every difference between the
+  checkpoint's tree metadata and the abstract target."""
+  problems = _differences(metadata, abstract)
+  if problems:
+    shown = "\n".join(f"  {p}" for p in problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise CheckpointMismatchError(
+        f"{what} does not match the target "
+        f"({len(problems)} difference{'s' if len(problems) > 1 else ''}):\n"
+        f"{shown}{more}\n"
+        "Was it saved by an optimizer with other options (convention, "
+        "mu_dtype, nu_dtype, inject_hyperparams), or for other params?"
+    )
+
+
+def _listing(entries: list[str], most: int = 5) -> str:
+  shown = ", ".join(entries[:most])
+  return shown + (f", ... ({len(entries)} in all)" if len(entries) > most else "")
+
+
+def _step_directories(directory: str) -> list[int]:
+  """The steps of a :class:`Manager`'s complete checkpoints in ``directory``."""
+  try:
+    entries = os.listdir(directory)
+  except OSError:
+    return []
+  return sorted(
+      int(entry)
+      for entry in entries
+      if entry.isdigit() and os.path.isdir(os.path.join(directory, entry))
+  )
+
+
+def _what_is_at(path: str) -> str:
+  """What is at ``path`` (and beside it), for an error saying that it holds
+  no checkpoint."""
+  if os.path.isdir(path):
+    entries = sorted(os.listdir(path))
+    if not entries:
+      return "an empty directory"
+    steps = _step_directories(path)
+    if steps:
+      return (
+          f"the directory of a Manager, with checkpoints of steps {steps}; "
+          f"read them with Manager({path!r}).restore(step, target)"
+      )
+    return f"a directory without an Orbax checkpoint in it (it holds {_listing(entries)})"
+  if os.path.exists(path):
+    return "a file, not a checkpoint's directory"
+  parent, name = os.path.split(path)
+  if not os.path.isdir(parent):
+    return f"nothing: {parent} does not exist"
+  interrupted = sorted(
+      entry for entry in os.listdir(parent) if entry.startswith(name + ".") and _ORBAX_TMP in entry
+  )
+  if interrupted:
+    return (
+        f"nothing but an interrupted save ({_listing(interrupted)} in {parent}): "
+        "the process writing it stopped before the checkpoint was complete"
+    )
+  if os.path.isdir(path + _OLD):
+    return f"nothing but a replaced checkpoint being deleted ({name + _OLD} in {parent})"
+  return "nothing"
+
+
+def _complete(path: str) -> str:
+  """Where the complete checkpoint saved to ``path`` is: ``path``, or the new
+  checkpoint beside it when a replacement was stopped between its renames."""
+  if not os.path.exists(path) and os.path.isdir(path + _NEW):
+    return path + _NEW
+  return path
+
+
 def restore(directory: str | os.PathLike[str], target: Any) -> Any:
   """Reads a checkpoint written by :func:`save` (or Orbax's
   ``StandardCheckpointer``) into the structure, dtypes and shardings of
   ``target``, after checking that they match the checkpoint.
+
+  If a :func:`save` with ``force=True`` was killed while it swapped the new
+  checkpoint in, ``directory`` is missing and the complete new checkpoint is
+  beside it (``<directory>.orbax-amsgrad-new``): that one is read.
 
   Examples:
     >>> import tempfile
@@ -171,6 +361,11 @@ def restore(directory: str | os.PathLike[str], target: Any) -> Any:
     ... except checkpoint.CheckpointMismatchError as error:
     ...   print(str(error).splitlines()[1])
       [0].mu['w']: dtype float32 in the checkpoint, bfloat16 in the target
+    >>> try:
+    ...   checkpoint.restore(directory.name + "/other", state)
+    ... except checkpoint.CheckpointNotFoundError as error:
+    ...   print(str(error).replace(directory.name, "/tmp/d"))
+    No checkpoint at /tmp/d/other: nothing.
     >>> directory.cleanup()
 
   Args:
@@ -187,24 +382,190 @@ def restore(directory: str | os.PathLike[str], target: Any) -> Any:
     The restored pytree, with the structure of ``target``.
 
   Raises:
+    CheckpointNotFoundError: when there is no complete checkpoint at
+      ``directory``; the message says what is there (nothing, an interrupted
+      save, a directory without a checkpoint, a :class:`Manager`'s directory).
     CheckpointMismatchError: when a leaf is missing on either side or differs
       in shape or dtype; the message lists each one by its path.
   """
   ocp = _orbax()
   path = os.path.abspath(directory)
+  found = _complete(path)
   checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(path).item_metadata.tree
-  uncommitted = _sharding_for_uncommitted(target)
-  abstract = jax.tree.map(lambda leaf: _abstract(leaf, uncommitted), target)
-  problems = _differences(metadata, abstract)
-  if problems:
-    shown = "\n".join(f"  {p}" for p in problems[:20])
-    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-    raise CheckpointMismatchError(
-        f"The checkpoint at {path} does not match the target "
-        f"({len(problems)} difference{'s' if len(problems) > 1 else ''}):\n"
-        f"{shown}{more}\n"
-        "Was it saved by an optimizer with other options (convention, "
-        "mu_dtype, nu_dtype, inject_hyperparams), or for other params?"
+  try:
+    metadata = checkpointer.metadata(found).item_metadata if os.path.isdir(found) else None
+    if metadata is None:
+      raise CheckpointNotFoundError(f"No checkpoint at {path}: {_what_is_at(path)}.")
+    abstract = _abstract_target(target)
+    _check(metadata.tree, abstract, f"The checkpoint at {found}")
+    return checkpointer.restore(found, abstract)
+  finally:
+    checkpointer.close()
+
+
+class Manager:
+  """The checkpoints of one training run, one per saved step, in one
+  directory: Orbax's ``CheckpointManager`` with the checks of :func:`restore`.
+
+  :meth:`save` is called every step and saves every ``save_interval_steps``
+  steps; the latest ``max_to_keep`` checkpoints are kept. A checkpoint is
+  complete once Orbax renames it from ``<step>.orbax-checkpoint-tmp`` to
+  ``<step>``; a process killed while saving leaves the earlier ones, and a
+  restarted run resumes from :meth:`latest_step`, losing at most the steps
+  since that checkpoint. In a job of several processes, every process creates
+  the manager and calls :meth:`save` and :meth:`restore`, as Orbax requires.
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import optax_amsgrad
+    >>> from optax_amsgrad import checkpoint
+    >>> solver = optax_amsgrad.amsgrad(learning_rate=0.1)
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = solver.init(params)
+    >>> directory = tempfile.TemporaryDirectory()
+    >>> with checkpoint.Manager(directory.name, save_interval_steps=10) as manager:
+    ...   for step in range(1, 26):
+    ...     # ... one training step, then:
+    ...     saved = manager.save(step, {"params": params, "opt_state": state})
+    ...   print(manager.all_steps(), manager.latest_step())
+    [10, 20] 20
+    >>> # A restarted run: a fresh target, the latest step.
+    >>> with checkpoint.Manager(directory.name, save_interval_steps=10) as manager:
+    ...   step = manager.latest_step()
+    ...   target = {"params": params, "opt_state": solver.init(params)}
+    ...   restored = manager.restore(step, target)
+    ...   try:
+    ...     manager.restore(15, target)
+    ...   except checkpoint.CheckpointNotFoundError as error:
+    ...     print(str(error).replace(directory.name, "/tmp/d"))
+    No checkpoint of step 15 in /tmp/d: it holds checkpoints of steps [10, 20].
+    >>> directory.cleanup()
+
+  Args:
+    directory: the directory of the run's checkpoints (created if missing).
+      It holds one folder per step; give each run its own.
+    max_to_keep: how many of the latest checkpoints to keep (None: all).
+    save_interval_steps: :meth:`save` writes the steps that are multiples of
+      it.
+    asynchronous: with True, :meth:`save` returns once the arrays are copied
+      off the devices and writes them in a background thread (Orbax's
+      asynchronous checkpointing); the next save, :meth:`wait_until_finished`
+      and :meth:`close` wait for it. A kill then loses the save in progress
+      too: at most the steps since the last completed save.
+  """
+
+  def __init__(
+      self,
+      directory: str | os.PathLike[str],
+      *,
+      max_to_keep: int | None = 3,
+      save_interval_steps: int = 1,
+      asynchronous: bool = False,
+  ) -> None:
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be at least 1 or None, got {max_to_keep}")
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be at least 1, got {save_interval_steps}")
+    ocp = _orbax()
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(save_interval_steps),
+            policies.PreemptionCheckpointingPolicy(),
+        ]),
+        preservation_policy=policies.LatestN(max_to_keep),
+        enable_async_checkpointing=asynchronous,
+        # Interrupted saves of an earlier run go when the manager starts.
+        cleanup_tmp_directories=True,
     )
-  return checkpointer.restore(path, abstract)
+    self._directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self._directory,
+        options=options,
+        handler_registry=ocp.handlers.create_default_handler_registry(
+            default=ocp.StandardCheckpointHandler()
+        ),
+    )
+
+  @property
+  def directory(self) -> str:
+    """The absolute path of the directory of checkpoints."""
+    return self._directory
+
+  def save(self, step: int, tree: Any, *, force: bool = False) -> bool:
+    """Saves ``tree`` as the checkpoint of ``step`` if ``step`` is a multiple
+    of ``save_interval_steps`` (or ``force``) and later than the latest
+    checkpoint; deletes the checkpoints beyond ``max_to_keep``.
+
+    Args:
+      step: the training step that ``tree`` is the state after.
+      tree: a pytree of arrays (params, optimizer state, or a dict of both).
+        With ``asynchronous``, it may be donated to the next step as soon as
+        this returns.
+      force: save even off the interval (the last step of a run, say); a step
+        already saved is not overwritten.
+
+    Returns:
+      Whether a checkpoint was saved (or, asynchronously, started).
+    """
+    ocp = _orbax()
+    return bool(self._manager.save(step, args=ocp.args.StandardSave(tree), force=force))
+
+  def all_steps(self) -> list[int]:
+    """The steps of the complete checkpoints, in increasing order (a step
+    being saved asynchronously counts once its save completes)."""
+    steps = self._manager.all_steps()
+    return sorted(s for s in steps if os.path.isdir(os.path.join(self._directory, str(s))))
+
+  def latest_step(self) -> int | None:
+    """The step of the latest complete checkpoint, or None when there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def restore(self, step: int | None, target: Any) -> Any:
+    """Reads the checkpoint of ``step`` (None: the latest) into the
+    structure, dtypes and shardings of ``target``, after the checks of
+    :func:`restore`.
+
+    Raises:
+      CheckpointNotFoundError: when there is no checkpoint of ``step`` (or
+        none at all); the message names the steps there are.
+      CheckpointMismatchError: when the checkpoint does not match ``target``.
+    """
+    ocp = _orbax()
+    self.wait_until_finished()
+    steps = self.all_steps()
+    if step is None and steps:
+      step = steps[-1]
+    if step is None or step not in steps:
+      raise CheckpointNotFoundError(self._missing(step, steps))
+    abstract = _abstract_target(target)
+    metadata = self._manager.item_metadata(step)
+    _check(metadata.tree, abstract, f"The checkpoint of step {step} in {self._directory}")
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def _missing(self, step: int | None, steps: list[int]) -> str:
+    where = "No checkpoint" + (f" of step {step}" if step is not None else "")
+    if steps:
+      return f"{where} in {self._directory}: it holds checkpoints of steps {steps}."
+    return f"{where} in {self._directory}: it holds no checkpoint."
+
+  def wait_until_finished(self) -> None:
+    """Waits until an asynchronous save in progress is complete."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for a save in progress and releases Orbax's threads."""
+    self._manager.close()
+
+  def __enter__(self) -> Manager:
+    return self
+
+  def __exit__(
+      self,
+      kind: type[BaseException] | None,
+      error: BaseException | None,
+      traceback: types.TracebackType | None,
+  ) -> None:
+    self.close()

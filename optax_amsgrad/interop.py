@@ -871,7 +871,7 @@ def to_keras(
         collected.moments[i], strict=True):
       variable = buffers[j]
       array = _to_framework_layout(_state_numpy(value), plan.axes[i])
-      writes.append((variable, array.astype(np.dtype(str(variable.dtype)))))
+      writes.append((variable, array.astype(jnp.dtype(str(variable.dtype)))))
   for variable, array in writes:
     variable.assign(array)
   keras_optimizer.iterations.assign(collected.step_count)

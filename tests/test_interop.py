@@ -352,6 +352,21 @@ def test_bfloat16_state_is_rounded_as_the_solver_stores_it(state_rounding):
   assert np.all(np.asarray(inner.nu_max[0], np.float32) >= np.asarray(inner.nu[0], np.float32))
 
 
+@pytest.mark.parity
+def test_bfloat16_state_goes_to_torch_widened(torch):
+  m, v, v_max = _moments(15, shape=(16,))
+  params = [jnp.zeros(16, jnp.float32)]
+  _, state = optax_amsgrad.from_torch(_numpy_state_dict(4, [(m, v, v_max)]), params,
+                                      mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+  optimizer = torch.optim.Adam([torch.zeros(16, requires_grad=True)], amsgrad=True)
+  back = optax_amsgrad.to_torch(state, optimizer)["state"][0]
+  assert float(back["step"]) == 4
+  for key, ours in (("exp_avg", state[0].mu), ("max_exp_avg_sq", state[0].nu_max)):
+    assert back[key].dtype == torch.float32
+    np.testing.assert_array_equal(back[key].numpy(), np.asarray(ours[0], np.float32))
+  optimizer.load_state_dict(optax_amsgrad.to_torch(state, optimizer))
+
+
 def test_state_is_placed_as_init_places_it():
   m, v, v_max = _moments(14, shape=(8,))
   for params in ([np.zeros(8, np.float32)], [jnp.zeros(8, jnp.float32)],
@@ -471,6 +486,20 @@ class KerasRun:
 @pytest.fixture(scope="module")
 def keras():
   return pytest.importorskip("keras")
+
+
+@pytest.mark.parity
+def test_unbuilt_keras_optimizer_has_taken_no_step(keras):
+  optimizer = keras.optimizers.AdamW(KERAS_LR, weight_decay=0.125, amsgrad=True)
+  params = PLAIN.to_jax(initial(seed=20))
+  solver, state = optax_amsgrad.from_keras(optimizer, params)
+  assert int(state[0].count) == 0
+  assert all(not np.any(leaf) for leaf in jax.tree.leaves(state))
+  expected = optax_amsgrad.amsgradw(KERAS_LR, eps=1e-7, weight_decay=0.125, convention="keras")
+  grads = PLAIN.to_jax(gradients(1, seed=25)[0])
+  np.testing.assert_array_equal(*(
+      jax.tree.leaves(s.update(grads, s.init(params), params)[0])[0] for s in (solver, expected)
+  ))
 
 
 @pytest.mark.parity

@@ -99,3 +99,20 @@ def test_after_switch_runs_and_reports_every_step(tmp_path):
       assert len(per_step) == 3, name
       assert all(t > 0 for t in per_step), name
       assert run["cpu_ms_during_pause_after"][name] >= 0, name
+
+
+def test_checkpoint_cost_runs_every_variant(tmp_path):
+  out = tmp_path / "checkpoint_cost.json"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "checkpoint_cost.py"), "--quick", "--out",
+       str(out)],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert {"commit", "machine", "versions"} <= set(report["meta"])
+  assert set(report["variants"]) == {"no_save", "sync", "async"}
+  for name, entry in report["variants"].items():
+    assert entry["steps"] > 0 and entry["mean_step_ms"] > 0, name
+    assert entry["saves"] == (0 if name == "no_save" else report["config"]["rounds"]), name

@@ -503,18 +503,22 @@ class Manager:
       tree: a pytree of arrays (params, optimizer state, or a dict of both).
         With ``asynchronous``, it may be donated to the next step as soon as
         this returns.
-      force: save even off the interval (the last step of a run, say); a step
-        already saved is not overwritten.
+      force: save even off the interval (the last step of a run, say). A step
+        already saved is not overwritten: this returns False.
 
     Returns:
       Whether a checkpoint was saved (or, asynchronously, started).
     """
     ocp = _orbax()
+    if force and step in self._manager.all_steps():
+      return False
     return bool(self._manager.save(step, args=ocp.args.StandardSave(tree), force=force))
 
   def all_steps(self) -> list[int]:
-    """The steps of the complete checkpoints, in increasing order (a step
-    being saved asynchronously counts once its save completes)."""
+    """The steps of the complete checkpoints, in increasing order. A step
+    being saved asynchronously counts once its save completes; in a job of
+    several processes, call :meth:`wait_until_finished` first, so that every
+    process sees the same steps."""
     steps = self._manager.all_steps()
     return sorted(s for s in steps if os.path.isdir(os.path.join(self._directory, str(s))))
 

@@ -285,6 +285,7 @@ def test_manager_saves_on_the_interval_only(tmp_path):
     # step already saved nor before the latest.
     assert manager.save(12, tree, force=False) is False
     assert manager.save(12, tree, force=True) is True
+    assert manager.save(12, tree, force=True) is False
     assert manager.save(11, tree) is False
     assert manager.all_steps() == [5, 10, 12]
   assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["10", "12", "5"]

@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   report = {
       "meta": {
-          "command": "python benchmarks/checkpoint_cost.py " + " ".join(
-              sys.argv[1:] if argv is None else argv),
+          "command": " ".join(
+              ["python benchmarks/checkpoint_cost.py", *(sys.argv[1:] if argv is None else argv)]
+          ),
           "commit": git_commit(),
           "machine": {
               "platform": platform.platform(),

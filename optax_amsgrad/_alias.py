@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import optax
 
-from optax_amsgrad import _step, _validation
+from optax_amsgrad import _placement, _step, _validation
 from optax_amsgrad._transform import (
     Convention,
     ScalarOrSchedule,
@@ -87,7 +87,7 @@ def amsgrad(
       seed=seed,
   )
   solver = optax.chain(core, optax.scale_by_learning_rate(learning_rate))
-  return _step.register(solver, core, learning_rate)
+  return _step.register(_placement.with_placed_init(solver), core, learning_rate)
 
 
 def amsgradw(
@@ -168,4 +168,6 @@ def amsgradw(
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-  return _step.register(solver, core, learning_rate, weight_decay, mask)
+  return _step.register(
+      _placement.with_placed_init(solver), core, learning_rate, weight_decay, mask
+  )

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_amsgrad import _dispatch, _moments, _validation
+from optax_amsgrad import _dispatch, _moments, _placement, _validation
 
 Convention = Literal["pytorch", "keras", "optax", "paper"]
 StateRounding = Literal["stochastic", "nearest"]
@@ -157,23 +157,6 @@ def _coefficients(
   return moment_coefficients, direction
 
 
-def _zeros_like(param: Any, dtype: jnp.dtype) -> jax.Array:
-  """Zeros shaped like ``param`` that live where ``param`` lives."""
-  if isinstance(param, jax.core.Tracer):
-    # Under jit a constant has no sharding of its own: the compiler would put
-    # it on one device (or replicate it). Selecting between the param and
-    # zeros with an all-false mask keeps the value at zero, NaNs included,
-    # but lets sharding propagation give it the param's sharding, on meshes
-    # with Auto as well as Explicit axes.
-    zeros = jnp.where(jnp.zeros_like(param, dtype=bool), param, jnp.zeros_like(param))
-    if jnp.iscomplexobj(zeros) and not jnp.issubdtype(dtype, jnp.complexfloating):
-      zeros = jnp.real(zeros)
-    return zeros.astype(dtype)
-  # Concrete arrays and ShapeDtypeStructs carry a sharding the state keeps.
-  sharding = getattr(param, "sharding", None)
-  return jnp.zeros(jnp.shape(param), dtype, device=sharding)
-
-
 def scale_by_amsgrad(
     b1: ScalarOrSchedule = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
@@ -292,11 +275,11 @@ def scale_by_amsgrad(
 
     def zeros(storage: Callable[[jnp.dtype], jnp.dtype]) -> optax.Updates:
       return jax.tree.map(
-          lambda p: _zeros_like(p, storage(jnp.result_type(p))), params
+          lambda p: _placement.zeros_like(p, storage(jnp.result_type(p))), params
       )
 
     return ScaleByAmsgradState(
-        count=jnp.zeros([], jnp.int32),
+        count=_placement.scalar_zeros(params, jnp.int32),
         mu=zeros(mu_storage),
         nu=zeros(nu_storage),
         nu_max=zeros(nu_storage),
@@ -452,6 +435,9 @@ def scale_by_amsgrad(
     if len(decays) > 1 or not isinstance(state.mu, dict):
       return None
     decay = next(iter(decays), False)
+    if not all(_placement.on_one_device(p) for p in p_leaves):
+      # The one-pass handler would return the params whole, on every device.
+      return None
     groups: dict[str, list[int]] = {}
     for i, g in enumerate(g_leaves):
       groups.setdefault(jnp.result_type(g).name, []).append(i)

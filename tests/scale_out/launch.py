@@ -30,7 +30,7 @@ Job = tuple[str, Sequence[str]]  # (script in tests/scale_out, arguments)
 
 def script_env(*, host_devices: int) -> dict[str, str]:
   """A script's environment: CPU only, ``host_devices`` devices, JAX's default
-  float32, and the repository and this folder importable."""
+  float32, and the repository, the tests and this folder importable."""
   env = dict(os.environ)
   flags = [
       f
@@ -42,7 +42,7 @@ def script_env(*, host_devices: int) -> dict[str, str]:
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_ENABLE_X64", None)
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(REPOSITORY), str(HERE), *filter(None, [env.get("PYTHONPATH")])]
+      [str(REPOSITORY), str(HERE.parent), str(HERE), *filter(None, [env.get("PYTHONPATH")])]
   )
   return env
 

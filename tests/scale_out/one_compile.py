@@ -1,0 +1,131 @@
+"""Compiles per training loop with sharded params, on eight host devices; run
+by tests/test_optax_citizen.py.
+
+``python tests/scale_out/one_compile.py OUT_DIR`` (launch.py sets the device
+count) writes ``OUT_DIR/results.json``: for each mesh kind, params layout,
+optimizer, call and donation, how many executables a jitted loop compiled,
+and the same for a ``shard_map``'ed step, with its largest difference from
+the plain step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_amsgrad
+from training_loops import JITTED_INIT, OPTIMIZERS, compiles_over_a_loop
+
+# A spec with one entry per dimension, and one without its trailing None.
+# jit returns the full form on meshes with Explicit axes and the short one on
+# Auto meshes; params in the other form compile the step again after the
+# first call whatever the optimizer (their own outputs are a new cache key).
+FULL = {"kernel": P("data", None), "bias": P("data"), "scale": P()}
+SHORT = {"kernel": P("data"), "bias": P("data"), "scale": P()}
+AS_RETURNED = {AxisType.Auto: SHORT, AxisType.Explicit: FULL}
+OTHER_FORM = {AxisType.Auto: FULL, AxisType.Explicit: SHORT}
+SHAPES = {"kernel": (16, 8), "bias": (16,), "scale": ()}
+
+
+def sharded_params(mesh: jax.sharding.Mesh, layout: dict[str, P]) -> dict[str, jax.Array]:
+  rng = np.random.default_rng(0)
+  return {
+      name: jax.device_put(
+          jnp.asarray(rng.normal(size=SHAPES[name]), jnp.float32), NamedSharding(mesh, spec)
+      )
+      for name, spec in layout.items()
+  }
+
+
+def shard_mapped(mesh: jax.sharding.Mesh) -> dict[str, float | int]:
+  """A data-parallel step written with shard_map: each device updates its
+  block of params and state with its block of the gradients."""
+  solver = optax_amsgrad.amsgrad(1e-2)
+  kernel = jnp.linspace(-1.0, 1.0, 128, dtype=jnp.float32).reshape(16, 8)
+  params = {"kernel": jax.device_put(kernel, NamedSharding(mesh, P("data")))}
+  state = solver.init(params)
+
+  def step(params: dict[str, jax.Array], state: optax.OptState,
+           grads: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], optax.OptState]:
+    updates, state = solver.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state_specs = jax.tree.map(lambda x: P("data") if jnp.ndim(x) else P(), state)
+  mapped = jax.jit(jax.shard_map(
+      step, mesh=mesh, in_specs=(P("data"), state_specs, P("data")),
+      out_specs=(P("data"), state_specs),
+  ))
+  plain = jax.jit(step)
+  ours, theirs = (params, state), (params, state)
+  for i in range(3):
+    grads = jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)), params)
+    ours = mapped(*ours, grads)
+    theirs = plain(*theirs, grads)
+  difference = max(
+      float(jnp.max(jnp.abs(a - b)))
+      for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True)
+  )
+  return {"compiles": mapped._cache_size(), "max_difference": difference}
+
+
+def placement_mismatches(solver: optax.GradientTransformation, params: Any) -> list[str]:
+  """State leaves whose sharding or committedness after ``init`` differs from
+  what a jitted step returns."""
+  state = solver.init(params)
+  grads = jax.tree.map(jnp.cos, params)
+  _, stepped = jax.jit(solver.update)(grads, state, params)
+  found = []
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                          jax.tree.leaves(stepped), strict=True):
+    if (a.sharding, a.committed) != (b.sharding, b.committed):
+      found.append(f"{jax.tree_util.keystr(path)}: init {a.sharding} "
+                   f"(committed={a.committed}), step {b.sharding} (committed={b.committed})")
+  return found
+
+
+def main() -> None:
+  out = Path(sys.argv[1])
+  compiles: dict[str, int | str] = {}
+  placement: dict[str, list[str]] = {}
+  for axis_type in (AxisType.Auto, AxisType.Explicit):
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+    # Every optimizer through both calls, donated and not.
+    for name in OPTIMIZERS:
+      for call in ("update", "apply_step"):
+        for donate in (False, True):
+          if name == "flatten_by_dtype" and axis_type == AxisType.Explicit:
+            # Concatenating leaves of different shardings is a type error on
+            # Explicit axes: the flat layout is for unsharded params (README).
+            continue
+          case = f"{axis_type.name}/{name}/{call}/donate={donate}"
+          init_how = "jit" if name in JITTED_INIT else "eager"
+          try:
+            with jax.set_mesh(mesh):
+              compiles[case] = compiles_over_a_loop(
+                  OPTIMIZERS[name](), sharded_params(mesh, AS_RETURNED[axis_type]),
+                  call=call, donate=donate, init_how=init_how,
+              )
+          except AssertionError as error:  # chex: traced more than once
+            compiles[case] = str(error).splitlines()[0]
+    for form, layouts in (("as_returned", AS_RETURNED), ("other_form", OTHER_FORM)):
+      for name in ("amsgrad", "bfloat16_state"):
+        with jax.set_mesh(mesh):
+          placement[f"{axis_type.name}/{form}/{name}"] = placement_mismatches(
+              OPTIMIZERS[name](), sharded_params(mesh, layouts[axis_type])
+          )
+  auto = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  report = {"compiles": compiles, "placement": placement, "shard_map": shard_mapped(auto)}
+  out.joinpath("results.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+  main()

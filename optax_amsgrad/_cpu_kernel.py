@@ -10,6 +10,7 @@ where each leaf runs; this module only registers and calls the handlers.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -53,19 +54,37 @@ _SUPPORTED = {
 }
 
 
-@functools.cache
+# Set to "0" to keep the handlers out of this process: every step then takes
+# the XLA path, as on GPUs and TPUs.
+SWITCH = "OPTAX_AMSGRAD_CPU_KERNEL"
+
+
 def available() -> bool:
-  """Whether the compiled CPU handlers are present and registered with XLA.
+  """Whether the compiled CPU handlers are present, registered with XLA and
+  switched on.
 
   They are built when the package is installed with a C++17 compiler at
   hand, and absent otherwise; every step then takes the XLA path, with the
   same results to within a rounding per operation, only slower on CPU.
+  ``OPTAX_AMSGRAD_CPU_KERNEL=0`` in the environment switches them off: for
+  ``jax.export`` to platforms that include ``"cpu"`` (the handlers' custom
+  calls carry no serialization guarantee), for debugging with the plain JAX
+  program, or for comparing the two paths. It is read when a step is traced;
+  a function jitted before keeps the path it was traced with.
 
   Examples:
     >>> import optax_amsgrad
     >>> optax_amsgrad.cpu_kernel_available()
     True
   """
+  if os.environ.get(SWITCH, "1").strip() == "0":
+    return False
+  return _registered()
+
+
+@functools.cache
+def _registered() -> bool:
+  """Registers the handlers with XLA once; False when they were not built."""
   try:
     from optax_amsgrad import _amsgrad_cpu  # type: ignore[attr-defined]
   except ImportError:

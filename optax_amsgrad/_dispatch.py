@@ -42,9 +42,14 @@ def kernel_signature(
 ) -> tuple[Any, ...] | None:
   """The dtypes that put a leaf in a handler call, or None where the CPU
   handlers do not cover it (complex, float16, mixed precision other than
-  bfloat16 storage, params outside the compute dtype for the step)."""
+  bfloat16 storage, params outside the compute dtype for the step, inside
+  ``shard_map``)."""
   _, v_dtype = compute_dtypes(g.dtype)
   if p is not None and not (p.dtype == g.dtype == v_dtype):
+    return None
+  if jax.sharding.get_abstract_mesh().manual_axes:
+    # Inside shard_map each device already holds its own block: the XLA path
+    # updates it there, where the handlers' partitioning rules do not apply.
     return None
   if v_max.dtype != v.dtype or not _cpu_kernel.supports(v_dtype, g.dtype, m.dtype, v.dtype):
     return None

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +41,21 @@ def _real_dtype(dtype: Any) -> np.dtype:
 def path_name(path: tuple[Any, ...]) -> str:
   """``['layer'][0].kernel``, or ``<root>`` for a tree that is one array."""
   return jax.tree_util.keystr(path) or "<root>"
+
+
+def chex_checked(
+    assertion: Callable[..., None],
+    *trees: Any,
+    error: type[Exception],
+    message: Callable[[], str],
+) -> None:
+  """Runs a chex tree assertion (at trace time: nothing of it is compiled)
+  and turns its failure into ``error`` with the project's ``message``, which
+  names the argument and the paths; chex's own message stays as the cause."""
+  try:
+    assertion(*trees)
+  except AssertionError as chex_error:
+    raise error(message()) from chex_error
 
 
 def _list_paths(paths: Iterable[str]) -> str:
@@ -340,31 +356,42 @@ def check_updates_match_state(
   """
   updates_def: Any = jax.tree.structure(updates)
   state_def: Any = jax.tree.structure(mu)
-  if updates_def != state_def:
-    raise ValueError(
-        f"{name}: the gradient tree does not match the optimizer state, which "
-        "follows the params given to init.\n"
-        f"{_structure_difference(updates, mu)}\n"
-        f"  gradients: {updates_def}\n"
-        f"  state:     {state_def}"
-    )
+  chex_checked(
+      chex.assert_trees_all_equal_structs, updates, mu, error=ValueError,
+      message=lambda: (
+          f"{name}: the gradient tree does not match the optimizer state, which "
+          "follows the params given to init.\n"
+          f"{_structure_difference(updates, mu)}\n"
+          f"  gradients: {updates_def}\n"
+          f"  state:     {state_def}"
+      ),
+  )
   flat, treedef_ = jax.tree_util.tree_flatten_with_path(updates)
   treedef: Any = treedef_
-  state_leaves = treedef.flatten_up_to(mu)
-  shape_errors = []
   coerced = []
-  for (path, g), m in zip(flat, state_leaves, strict=True):
-    dtype = _leaf_dtype(path, g, "gradient")
-    if not hasattr(g, "shape") or not hasattr(g, "dtype"):
-      # A Python number: an array of the default dtype, as jnp would make it.
-      g = jnp.asarray(g)
-    coerced.append(g)
-    if tuple(g.shape) != tuple(m.shape):
-      shape_errors.append(
-          f"  at {path_name(path)}: gradient shape {tuple(g.shape)}, expected "
-          f"{tuple(m.shape)}"
-      )
-      continue
+  for path, g in flat:
+    _leaf_dtype(path, g, "gradient")  # names the path of a leaf that is no number
+    # A Python number becomes an array of the default dtype, as jnp makes it.
+    coerced.append(g if hasattr(g, "shape") and hasattr(g, "dtype") else jnp.asarray(g))
+  coerced_tree = jax.tree.unflatten(treedef, coerced)
+
+  def shape_message() -> str:
+    errors = [
+        f"  at {path_name(path)}: gradient shape {tuple(g.shape)}, expected "
+        f"{tuple(m.shape)}"
+        for (path, _), g, m in zip(flat, coerced, treedef.flatten_up_to(mu), strict=True)
+        if tuple(g.shape) != tuple(m.shape)
+    ]
+    return (
+        f"{name}: gradient shapes differ from the state's (which follow the "
+        "params given to init):\n" + "\n".join(errors[:_MAX_LISTED])
+        + (f"\n  and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else "")
+    )
+
+  chex_checked(chex.assert_trees_all_equal_shapes, coerced_tree, mu, error=ValueError,
+               message=shape_message)
+  for (path, _), g, m in zip(flat, coerced, treedef.flatten_up_to(mu), strict=True):
+    dtype = jnp.dtype(g.dtype)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
           f"{name}: the gradient at {path_name(path)} has dtype {dtype}; "
@@ -382,14 +409,7 @@ def check_updates_match_state(
           "gradients' kind (a real mu_dtype for complex params also gives "
           "a real mu)."
       )
-  if shape_errors:
-    raise ValueError(
-        f"{name}: gradient shapes differ from the state's (which follow the "
-        "params given to init):\n" + "\n".join(shape_errors[:_MAX_LISTED])
-        + (f"\n  and {len(shape_errors) - _MAX_LISTED} more"
-           if len(shape_errors) > _MAX_LISTED else "")
-    )
-  return jax.tree.unflatten(treedef, coerced)
+  return coerced_tree
 
 
 def check_state(
@@ -421,24 +441,27 @@ def check_state(
         f"{name}: expected a {state_type.__name__} from this optimizer's init; "
         f"got {found}. {hint}"
     )
-  structures = {
-      field: jax.tree.structure(getattr(state, field))
-      for field in ("mu", "nu", "nu_max")
-  }
-  if len(set(structures.values())) != 1:
-    raise ValueError(
+  def inconsistent(what: str, describe: Callable[[Any], Any]) -> Callable[[], str]:
+    return lambda: (
         f"{name}: the state is inconsistent: mu, nu and nu_max must have one "
-        "tree structure, got\n"
-        + "\n".join(f"  {k}: {v}" for k, v in structures.items())
+        f"{what}, got\n"
+        + "\n".join(f"  {field}: {describe(getattr(state, field))}"
+                    for field in ("mu", "nu", "nu_max"))
     )
+
+  chex_checked(chex.assert_trees_all_equal_structs, state.mu, state.nu, state.nu_max,
+               error=ValueError, message=inconsistent("tree structure", jax.tree.structure))
+  chex_checked(chex.assert_trees_all_equal_shapes, state.mu, state.nu, state.nu_max,
+               error=ValueError,
+               message=inconsistent("shape per leaf", lambda t: jax.tree.map(jnp.shape, t)))
   count = state.count
-  if jnp.shape(count) != () or not jnp.issubdtype(
-      jnp.result_type(count), jnp.integer
-  ):
-    raise TypeError(
-        f"{name}: state.count must be an integer scalar; got "
-        f"{jnp.result_type(count)} of shape {jnp.shape(count)}."
-    )
+  chex_checked(
+      lambda c: (chex.assert_rank(c, 0), chex.assert_type(c, int)), count, error=TypeError,
+      message=lambda: (
+          f"{name}: state.count must be an integer scalar; got "
+          f"{jnp.result_type(count)} of shape {jnp.shape(count)}."
+      ),
+  )
 
 
 def resolve_b1(b1: float | jax.Array | Callable[[jax.Array], jax.Array],

@@ -455,8 +455,13 @@ def check_state(
                error=ValueError,
                message=inconsistent("shape per leaf", lambda t: jax.tree.map(jnp.shape, t)))
   count = state.count
+
+  def integer_scalar(c: Any) -> None:
+    chex.assert_rank(c, 0)
+    chex.assert_type(c, int)
+
   chex_checked(
-      lambda c: (chex.assert_rank(c, 0), chex.assert_type(c, int)), count, error=TypeError,
+      integer_scalar, count, error=TypeError,
       message=lambda: (
           f"{name}: state.count must be an integer scalar; got "
           f"{jnp.result_type(count)} of shape {jnp.shape(count)}."

@@ -23,6 +23,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_amsgrad
+
 from training_loops import JITTED_INIT, OPTIMIZERS, compiles_over_a_loop
 
 # A spec with one entry per dimension, and one without its trailing None.

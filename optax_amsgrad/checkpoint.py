@@ -97,17 +97,19 @@ def _settle(path: str) -> None:
   """Finishes what a replacement of the checkpoint at ``path`` left when its
   process was killed, so that ``path`` holds the complete checkpoint that
   :func:`restore` reads: the new one moves into place if ``path`` is missing,
-  and leftovers go. Run by the first process only."""
+  and once ``path`` is there, the leftovers beside it go. Run by the first
+  process only."""
   new, old = path + _NEW, path + _OLD
   if not os.path.exists(path) and os.path.isdir(new):
     os.rename(new, path)
+  if not os.path.exists(path):
+    return
   if os.path.exists(old):
     shutil.rmtree(old)
-  if os.path.exists(path):
-    parent, name = os.path.split(path)
-    for entry in os.listdir(parent or "."):
-      if entry.startswith(name + _NEW):
-        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+  parent, name = os.path.split(path)
+  for entry in os.listdir(parent):
+    if entry.startswith(name + _NEW):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def _write(path: str, tree: Any, *, force: bool) -> None:

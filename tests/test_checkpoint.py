@@ -396,6 +396,21 @@ def test_restore_reads_the_old_checkpoint_until_the_swap_starts(tmp_path):
   assert siblings(path) == []
 
 
+
+def test_a_replaced_checkpoint_left_alone_is_kept(tmp_path):
+  # Not a state a kill leaves (the new checkpoint is in place before the old
+  # one is deleted), but if the path was removed by hand, save does not
+  # delete the only checkpoint left.
+  path = tmp_path / "ckpt"
+  checkpoint.save(path, counted(1))
+  path.rename(tmp_path / "ckpt.orbax-amsgrad-old")
+  assert not_found_message(path).endswith(
+      f"nothing but a replaced checkpoint being deleted (ckpt.orbax-amsgrad-old in {tmp_path})."
+  )
+  checkpoint.save(path, counted(2))
+  assert siblings(path) == ["ckpt.orbax-amsgrad-old"]
+  assert restored_count(path) == 2
+
 def not_found_message(path, target=None) -> str:
   with pytest.raises(checkpoint.CheckpointNotFoundError) as error:
     checkpoint.restore(path, counted(0) if target is None else target)

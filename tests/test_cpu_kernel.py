@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,9 +231,7 @@ def test_vmapped_members_equal_separate_runs(options):
   batched = jax.jit(jax.vmap(run))(lrs, b2s, seeds)
   for i in range(3):
     single = jax.jit(run)(lrs[i], b2s[i], seeds[i])
-    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(batched), strict=True):
-      np.testing.assert_array_equal(np.asarray(a, np.float64),
-                                    np.asarray(b[i], np.float64))
+    chex.assert_trees_all_equal(single, jax.tree.map(lambda b, i=i: b[i], batched))
   # The members really differ: the rows got their own scalars.
   assert not np.array_equal(batched[0]["w"][0], batched[0]["w"][1])
 
@@ -308,6 +307,7 @@ def test_results_do_not_depend_on_timing_or_concurrent_calls(options):
   for thread in threads:
     thread.join()
   for other in [paused, *results]:
+    # Bit for bit (signed zeros too), which value equality would not see.
     for a, b in zip(jax.tree.leaves(back_to_back), jax.tree.leaves(other), strict=True):
       assert _identical(a, b).all()
   if not options:

@@ -8,6 +8,7 @@ is one buffer per dtype.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -259,9 +260,7 @@ def test_resumed_run_is_bit_identical(tmp_path):
   resumed = (restored["params"], restored["opt_state"])
   for g in all_grads[5:]:
     resumed = step(*resumed, g)
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
-    assert a.dtype == b.dtype
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(resumed, uninterrupted, strict=True)
   assert not np.array_equal(
       np.asarray(uninterrupted[0]["layer0"]["w"]), np.asarray(params["layer0"]["w"])
   )

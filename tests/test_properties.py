@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,5 +192,4 @@ def test_optax_convention_equals_optax_amsgrad(options, steps, seed):
     grads = {k: jnp.asarray(rng.normal(size=v.shape)) for k, v in params.items()}
     u_ours, s_ours = ours.update(grads, s_ours)
     u_theirs, s_theirs = theirs.update(grads, s_theirs)
-    for a, b in zip(jax.tree.leaves(u_ours), jax.tree.leaves(u_theirs), strict=True):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=0)
+    chex.assert_trees_all_close(u_ours, u_theirs, rtol=1e-12, atol=0)

@@ -3,6 +3,7 @@ at its limit and long runs, each against the float64 NumPy reference."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,9 +114,7 @@ def test_apply_if_finite_counts_and_keeps_the_state():
   before = state.inner_state
   _, state = solver.update({"w": jnp.array([1.0, jnp.inf, 3.0])}, state, params)
   assert int(state.total_notfinite) == 1 and not bool(state.last_finite)
-  for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(before),
-                  strict=True):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(state.inner_state, before)
   # Optax's tree tools still find the AMSGrad fields through the wrapper.
   nu_max = optax.tree.get(state, "nu_max")
   np.testing.assert_array_equal(nu_max["w"], before[0].nu_max["w"])

@@ -7,6 +7,7 @@ deterministic; their bounds are derived in ``_assert_unbiased``.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -462,8 +463,7 @@ def test_jit_and_eager_draw_the_same_bits():
   for _ in range(3):
     eager_updates, eager = solver.update(g, state)
     jit_updates, jitted = jax.jit(solver.update)(g, state)
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(eager, jitted)
     np.testing.assert_allclose(eager_updates["w"], jit_updates["w"], rtol=1e-6)
     state = eager
 
@@ -527,8 +527,7 @@ def test_state_round_trips_through_bytes_and_continues_identically():
     u1, state = solver.update(g, state)
     u2, restored = solver.update(g, restored)
     np.testing.assert_array_equal(np.asarray(u1), np.asarray(u2))
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(state, restored)
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)

@@ -395,3 +395,15 @@ def test_inconsistent_state_fields():
     solver.update({"w": jnp.ones(3)}, broken)
   with pytest.raises(TypeError, match=r"state\.count must be an integer scalar"):
     solver.update({"w": jnp.ones(3)}, state._replace(count=jnp.zeros(2)))
+  with pytest.raises(TypeError, match=r"state\.count must be an integer scalar"):
+    solver.update({"w": jnp.ones(3)}, state._replace(count=jnp.float32(0)))
+
+
+def test_state_fields_of_other_shapes():
+  # A nu_max of the wrong shape would broadcast silently into the step.
+  solver = optax_amsgrad.scale_by_amsgrad()
+  state = solver.init({"w": jnp.ones(3)})
+  broken = state._replace(nu_max={"w": jnp.ones(1)})
+  with pytest.raises(ValueError, match=r"one shape per leaf, got\n  mu: \{'w': \(3,\)\}\n"
+                     r"  nu: \{'w': \(3,\)\}\n  nu_max: \{'w': \(1,\)\}"):
+    solver.update({"w": jnp.ones(3)}, broken)

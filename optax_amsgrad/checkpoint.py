@@ -36,6 +36,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from optax_amsgrad import _placement
+
 __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
@@ -197,32 +199,6 @@ def _abstract(leaf: Any, uncommitted: Any = None) -> jax.ShapeDtypeStruct:
   )
 
 
-def _sharding_for_uncommitted(target: Any) -> Any:
-  """Where to put restored leaves whose target was not committed to a device
-  (the step count of a state made by an eager ``init``): Orbax would commit
-  them to the first device, and jit refuses to mix that with arrays sharded
-  over a mesh. They go where the committed leaves are: replicated over their
-  mesh, or on their single device. None when those disagree."""
-  shardings = [
-      leaf.sharding
-      for leaf in jax.tree.leaves(target)
-      if isinstance(leaf, jax.Array) and leaf.committed
-  ]
-  if not shardings:
-    return None
-  named = [s for s in shardings if isinstance(s, jax.sharding.NamedSharding)]
-  if len(named) == len(shardings):
-    meshes = {s.mesh for s in named}
-    if len(meshes) == 1:
-      replicated = jax.sharding.PartitionSpec()  # type: ignore[no-untyped-call]
-      return jax.sharding.NamedSharding(meshes.pop(), replicated)
-    return None
-  devices = {frozenset(s.device_set) for s in shardings}
-  if len(devices) == 1 and len(next(iter(devices))) == 1:
-    return jax.sharding.SingleDeviceSharding(next(iter(next(iter(devices)))))
-  return None
-
-
 def _differences(metadata: Any, target: Any) -> list[str]:
   """Every leaf that is missing on one side or differs in shape or dtype."""
   stored = {
@@ -257,7 +233,10 @@ def _differences(metadata: Any, target: Any) -> list[str]:
 def _abstract_target(target: Any) -> Any:
   """The target as ``jax.ShapeDtypeStruct`` leaves, with the shardings that
   restored arrays get."""
-  uncommitted = _sharding_for_uncommitted(target)
+  # Leaves not committed to a device (the step count of a state made by an
+  # eager init) go where the committed leaves are: Orbax would commit them to
+  # the first device, which jit refuses to mix with arrays sharded over a mesh.
+  uncommitted = _placement.scalar_sharding(target)
   return jax.tree.map(lambda leaf: _abstract(leaf, uncommitted), target)
 
 

@@ -116,3 +116,95 @@ def test_checkpoint_cost_runs_every_variant(tmp_path):
   for name, entry in report["variants"].items():
     assert entry["steps"] > 0 and entry["mean_step_ms"] > 0, name
     assert entry["saves"] == (0 if name == "no_save" else report["config"]["rounds"]), name
+
+
+COMPILE_TIME = ROOT / "benchmarks" / "compile_time.py"
+RENDER = ROOT / "benchmarks" / "render.py"
+
+
+@pytest.fixture(scope="module")
+def compile_time_report(tmp_path_factory) -> dict:
+  out = tmp_path_factory.mktemp("bench") / "compile_time_quick.json"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  result = subprocess.run(
+      [sys.executable, str(COMPILE_TIME), "--quick", "--out", str(out)],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
+def test_compile_time_quick_mode_writes_every_section(compile_time_report):
+  report = compile_time_report
+  assert set(report) == {"meta", "first_call", "step_time"}
+  meta = report["meta"]
+  assert {"command", "commit", "dirty", "machine", "versions", "quick"} <= set(meta)
+  assert meta["quick"] is True
+  assert {"platform", "processor", "cpu_count", "load_average_start",
+          "load_average_end"} <= set(meta["machine"])
+  assert {"python", "jax", "jaxlib", "optax", "numpy"} <= set(meta["versions"])
+
+  first_call = report["first_call"]
+  expected = {"optax.amsgrad", "optax.amsgrad.apply_step"}
+  for solver in ("ours", "ours_bf16"):
+    for call in ("", ".apply_step"):
+      expected |= {f"{solver}{call}/xla", f"{solver}{call}/kernel"}
+  assert set(first_call["variants"]) == expected
+  for name, entry in first_call["variants"].items():
+    assert entry["processes"] == len(entry["runs"]) >= 1, name
+    assert set(entry["ratio_vs_optax.amsgrad"]) == {"first_call_s", "aot_s"}, name
+    assert isinstance(entry["median"]["compiles_min"], int), name
+    assert isinstance(entry["median"]["compiles_max"], int), name
+    for run in entry["runs"]:
+      assert {"first_call_s", "later_calls_s", "trace_s", "lower_s", "compile_s",
+              "aot_s", "state_dtypes"} <= set(run), name
+      assert isinstance(run["compiles"], int) and run["compiles"] >= 1, name
+      assert len(run["later_calls_s"]) == first_call["loop_steps"] - 1, name
+      # Each variant ran with the kernel switch it names.
+      assert run["kernel_switch"] == ("0" if name.endswith("/xla") else None), name
+      assert run["state_dtypes"] == (["bfloat16"] if "bf16" in name else ["float32"]), name
+
+  step_time = report["step_time"]
+  assert step_time["kernel_switch"] == "0"
+  assert set(step_time["variants"]) == {"floor", "optax.amsgrad", "ours", "ours_bf16"}
+  for name, entry in step_time["variants"].items():
+    assert entry["samples"] == len(entry["samples_ms"]) > 0, name
+    assert {"median_ms", "q1_ms", "q3_ms", "ratio_vs_optax.amsgrad"} <= set(entry), name
+    if name != "floor":
+      assert {"fraction_of_limit", "min_bytes_per_param", "state_dtypes"} <= set(entry), name
+
+
+def run_render(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, str(RENDER), *args], capture_output=True, text=True, cwd=ROOT,
+      timeout=120,
+  )
+
+
+def test_render_check_passes_on_the_committed_files():
+  result = run_render("--check")
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_render_check_names_a_block_edited_by_hand(tmp_path):
+  for relative in ("README.md", "benchmarks/README.md", "benchmarks/results/compile_time.json"):
+    (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / relative).write_text((ROOT / relative).read_text())
+  assert run_render("--check", "--root", str(tmp_path)).returncode == 0
+
+  readme = tmp_path / "benchmarks" / "README.md"
+  text = readme.read_text()
+  start = text.index("<!-- render:compile_time.step_time -->")
+  end = text.index("<!-- /render:compile_time.step_time -->")
+  # optax.amsgrad's ratio to itself is always 1.00.
+  assert "| 1.00 |" in text[start:end]
+  readme.write_text(text[:start] + text[start:end].replace("| 1.00 |", "| 0.90 |") + text[end:])
+  result = run_render("--check", "--root", str(tmp_path))
+  assert result.returncode == 1
+  assert "benchmarks/README.md: block compile_time.step_time differs" in result.stderr
+  assert "compile_time.first_call" not in result.stderr
+
+  # Rendering restores the block and leaves the rest of the file alone.
+  assert run_render("--root", str(tmp_path)).returncode == 0
+  assert readme.read_text() == text
+  assert run_render("--check", "--root", str(tmp_path)).returncode == 0

@@ -87,7 +87,7 @@ def amsgrad(
       seed=seed,
   )
   solver = optax.chain(core, optax.scale_by_learning_rate(learning_rate))
-  return _step.register(_placement.with_placed_init(solver), core, learning_rate)
+  return _step.one_pass(_placement.with_placed_init(solver), core, learning_rate)
 
 
 def amsgradw(
@@ -168,6 +168,6 @@ def amsgradw(
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-  return _step.register(
+  return _step.one_pass(
       _placement.with_placed_init(solver), core, learning_rate, weight_decay, mask
   )

@@ -210,7 +210,5 @@ def flatten_by_dtype(
     )
     return unravel_by_dtype(flat_updates, updates), FlatState(inner_state)
 
-  flat = optax.GradientTransformationExtraArgs(init_fn, update_fn)
   # apply_step takes one pass over the leaves and the flat state.
-  _step.register_flat(flat, original)
-  return flat
+  return optax.GradientTransformationExtraArgs(init_fn, _step.flat_update(update_fn, original))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,37 +22,55 @@ class _Recipe(NamedTuple):
   flat: bool = False
 
 
-# update function of an amsgrad/amsgradw chain -> its recipe.
-_RECIPES: weakref.WeakKeyDictionary[Callable[..., Any], _Recipe] = (
-    weakref.WeakKeyDictionary()
-)
+class OnePassUpdate:
+  """The update function of an optimizer that :func:`apply_step` can take in
+  one pass (``amsgrad``, ``amsgradw``, and those in ``flatten_by_dtype``),
+  called as Optax calls any update; it also carries what the optimizer is
+  made of. A wrapper that replaces the update function (``optax.chain``,
+  ``optax.masked``, ...) hides it, and ``apply_step`` takes the two calls."""
+
+  def __init__(self, update: Callable[..., Any], recipe: _Recipe) -> None:
+    self._update = update
+    self.recipe = recipe
+
+  def __call__(
+      self,
+      updates: optax.Updates,
+      state: optax.OptState,
+      params: optax.Params | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
+    result: tuple[optax.Updates, optax.OptState] = self._update(
+        updates, state, params, **extra_args
+    )
+    return result
 
 
-def register(
-    solver: optax.GradientTransformation,
+def one_pass(
+    solver: optax.GradientTransformationExtraArgs,
     core: optax.GradientTransformation,
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: jax.typing.ArrayLike | None = None,
     mask: Any = None,
-) -> optax.GradientTransformation:
-  """Records that ``solver`` is ``core`` (a ``scale_by_amsgrad``), then
+) -> optax.GradientTransformationExtraArgs:
+  """``solver``, which is ``core`` (a ``scale_by_amsgrad``), then
   ``add_decayed_weights(weight_decay, mask)`` unless ``weight_decay`` is None,
-  then ``scale_by_learning_rate(learning_rate)``."""
-  appliers = _transform.appliers(core)
-  assert appliers is not None
-  _RECIPES[solver.update] = _Recipe(appliers, learning_rate, weight_decay, mask)
-  return solver
+  then ``scale_by_learning_rate(learning_rate)``, with an update that says
+  so."""
+  assert isinstance(core.update, _transform.AmsgradUpdate)
+  recipe = _Recipe(core.update.appliers, learning_rate, weight_decay, mask)
+  return optax.GradientTransformationExtraArgs(solver.init, OnePassUpdate(solver.update, recipe))
 
 
-def register_flat(
-    flat_solver: optax.GradientTransformation, inner: optax.GradientTransformation
-) -> None:
-  """Records that ``flat_solver`` is ``flatten_by_dtype(inner)``, when
+def flat_update(
+    update: Callable[..., Any], inner: optax.GradientTransformation
+) -> Callable[..., Any]:
+  """The update of ``flatten_by_dtype(inner)``: a :class:`OnePassUpdate` when
   ``inner`` was made by ``amsgrad``/``amsgradw`` without a mask (a mask would
-  see the flat buffers, not the params)."""
-  recipe = _RECIPES.get(inner.update)
-  if recipe is not None and recipe.mask is None:
-    _RECIPES[flat_solver.update] = recipe._replace(flat=True)
+  see the flat buffers, not the params), ``update`` itself otherwise."""
+  if isinstance(inner.update, OnePassUpdate) and inner.update.recipe.mask is None:
+    return OnePassUpdate(update, inner.update.recipe._replace(flat=True))
+  return update
 
 
 def _decay_tree(recipe: _Recipe, params: optax.Params) -> Any:
@@ -126,9 +143,9 @@ def apply_step(
     raise ValueError(
         "apply_step needs the params: it returns them after the step."
     )
-  recipe = _RECIPES.get(solver.update)
-  if recipe is None:
+  if not isinstance(solver.update, OnePassUpdate):
     return _two_calls(solver, grads, state, params)
+  recipe = solver.update.recipe
   chain_state = state.inner_state if recipe.flat else state
   core_state, *middle, rate_state = chain_state
   learning_rate = recipe.learning_rate

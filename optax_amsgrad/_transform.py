@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -73,16 +72,26 @@ class Appliers(NamedTuple):
   flat: Callable[..., tuple[optax.Params, ScaleByAmsgradState] | None]
 
 
-# update function of a scale_by_amsgrad -> its appliers.
-_APPLIERS: weakref.WeakKeyDictionary[Callable[..., Any], Appliers] = (
-    weakref.WeakKeyDictionary()
-)
+class AmsgradUpdate:
+  """The update function of a :func:`scale_by_amsgrad`, called as Optax calls
+  any update; it also carries the transformation's :class:`Appliers`, which
+  ``apply_step`` finds by this type."""
 
+  def __init__(
+      self,
+      update: Callable[..., tuple[optax.Updates, ScaleByAmsgradState]],
+      appliers: Appliers,
+  ) -> None:
+    self._update = update
+    self.appliers = appliers
 
-def appliers(transformation: optax.GradientTransformation) -> Appliers | None:
-  """The :class:`Appliers` of a ``scale_by_amsgrad`` transformation; None for
-  any other."""
-  return _APPLIERS.get(transformation.update)
+  def __call__(
+      self,
+      updates: optax.Updates,
+      state: ScaleByAmsgradState,
+      params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, ScaleByAmsgradState]:
+    return self._update(updates, state, params)
 
 
 def _complement(x: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.Array:
@@ -474,5 +483,5 @@ def scale_by_amsgrad(
         count=count, **new_state
     )
 
-  _APPLIERS[update_fn] = Appliers(tree=apply_fn, flat=flat_apply_fn)
-  return optax.GradientTransformation(init_fn, update_fn)
+  appliers = Appliers(tree=apply_fn, flat=flat_apply_fn)
+  return optax.GradientTransformation(init_fn, AmsgradUpdate(update_fn, appliers))

@@ -43,9 +43,12 @@ def kernel_signature(
   """The dtypes that put a leaf in a handler call, or None where the CPU
   handlers do not cover it (complex, float16, mixed precision other than
   bfloat16 storage, params outside the compute dtype for the step, inside
-  ``shard_map``)."""
+  ``shard_map``, or a default backend other than the CPU)."""
   _, v_dtype = compute_dtypes(g.dtype)
   if p is not None and not (p.dtype == g.dtype == v_dtype):
+    return None
+  if jax.default_backend() != "cpu":
+    # GPUs and TPUs run the plain XLA path, with no platform switch to trace.
     return None
   if jax.sharding.get_abstract_mesh().manual_axes:
     # Inside shard_map each device already holds its own block: the XLA path

@@ -16,8 +16,8 @@ setup(
     ext_modules=[
         Extension(
             # A Python module whose handlers() are registered as XLA FFI targets.
-            "optax_amsgrad._amsgrad_cpu",
-            sources=["optax_amsgrad/csrc/amsgrad_cpu.cc"],
+            "optax_amsgrad.cpu._amsgrad_cpu",
+            sources=["optax_amsgrad/cpu/csrc/amsgrad_cpu.cc"],
             include_dirs=[_xla_ffi_include_dir()],
             language="c++",
             extra_compile_args=[

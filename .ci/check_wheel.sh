@@ -32,5 +32,5 @@ PY
 # The wheel carries the compiled CPU kernel; the sdist its source.
 (cd "$scratch" && "$scratch/venv/bin/python" -c "import optax_amsgrad; assert optax_amsgrad.cpu_kernel_available(); print('CPU kernel shipped')")
 sdist_files=$(tar -tzf dist/*.tar.gz)
-grep -q "optax_amsgrad/csrc/amsgrad_cpu.cc" <<<"$sdist_files"
+grep -q "optax_amsgrad/cpu/csrc/amsgrad_cpu.cc" <<<"$sdist_files"
 echo "kernel source in the sdist"

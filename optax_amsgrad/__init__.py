@@ -1,7 +1,6 @@
 """AMSGrad for JAX and Optax, following PyTorch, Keras, Optax or the paper."""
 
 from optax_amsgrad._alias import amsgrad, amsgradw
-from optax_amsgrad._cpu_kernel import available as cpu_kernel_available
 from optax_amsgrad._flat import (
     FlatState,
     flatten_by_dtype,
@@ -15,6 +14,7 @@ from optax_amsgrad._transform import (
     StateRounding,
     scale_by_amsgrad,
 )
+from optax_amsgrad.cpu import available as cpu_kernel_available
 from optax_amsgrad.interop import from_keras, from_optax, from_torch, to_keras, to_optax, to_torch
 
 __version__ = "0.1.0"

@@ -1,8 +1,8 @@
 """The AMSGrad arithmetic of one leaf, as XLA computes it.
 
 The moments, their storage (``_rounding``), the direction and the step as
-``amsgrad``/``amsgradw`` chain it. The CPU handlers (``_dispatch``,
-``_cpu_kernel``) evaluate the same operations in the same order.
+``amsgrad``/``amsgradw`` chain it. The CPU kernel (``cpu/``) evaluates the
+same operations in the same order.
 """
 
 from __future__ import annotations

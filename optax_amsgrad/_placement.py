@@ -89,14 +89,6 @@ def scalar_zeros(tree: Any, dtype: jax.typing.DTypeLike) -> jax.Array:
   return jnp.zeros([], dtype, device=scalar_sharding(tree))
 
 
-def on_one_device(x: Any) -> bool:
-  """Whether ``x`` (an array or a tracer) lives on a single device: its type
-  names no mesh of several devices."""
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  return mesh is None or mesh.size <= 1
-
-
 def with_placed_init(
     solver: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_amsgrad import _dispatch, _moments, _placement, _validation
+from optax_amsgrad import _moments, _placement, _validation, cpu
 
 Convention = Literal["pytorch", "keras", "optax", "paper"]
 StateRounding = Literal["stochastic", "nearest"]
@@ -43,12 +43,6 @@ class ScaleByAmsgradState(NamedTuple):
   mu: optax.Updates
   nu: optax.Updates
   nu_max: optax.Updates
-
-
-# Leaves per handler call: XLA's compile time grows faster than linearly in
-# the operands of one call, and beyond a few dozen leaves one call per leaf
-# group saves nothing at run time (benchmarks/README.md).
-_LEAVES_PER_CALL = 32
 
 
 class Applying(NamedTuple):
@@ -344,66 +338,38 @@ def scale_by_amsgrad(
       p_leaves = [None] * len(g_leaves)
       decays = [False] * len(g_leaves)
 
-    # (new params or updates, m, v, v_max) per leaf.
-    results: list[tuple[jax.Array, ...] | None] = [None] * len(g_leaves)
-    # Leaves the CPU handlers cover go through them together, one call per
-    # set of dtypes; the others leaf by leaf through XLA.
-    together: dict[tuple[Any, ...], list[list[int]]] = {}
-    for i, (g, m, v, v_max, p) in enumerate(
-        zip(g_leaves, m_leaves, v_leaves, v_max_leaves, p_leaves, strict=True)
-    ):
-      signature = _dispatch.kernel_signature(g, m, v, v_max, p)
-      if signature is not None:
-        chunks = together.setdefault(signature, [[]])
-        if len(chunks[-1]) == _LEAVES_PER_CALL:
-          chunks.append([])
-        chunks[-1].append(i)
-        continue
+    leaves = [
+        cpu.Leaf(*leaf) for leaf in
+        zip(g_leaves, p_leaves, m_leaves, v_leaves, v_max_leaves, decays, strict=True)
+    ]
+
+    def xla_leaf(i: int) -> tuple[jax.Array, ...]:
+      """(new params or updates, m, v, v_max) of leaf ``i``, by XLA."""
+      g, p, m, v, v_max, decay = leaves[i]
       moment_coefficients, direction = parts(g.dtype)
       rounding = _moments.Rounding(stochastic, seed_bits, count, i)
       if p is not None:
-        step = _moments.Step(step_size, weight_decay, decays[i])
-        results[i] = _moments.xla_stepped(
+        step = _moments.Step(step_size, weight_decay, decay)
+        return _moments.xla_stepped(
             moment_coefficients, direction, step, g, p, m, v, v_max,
             rounding=rounding, split_complex=split_complex,
         )
-      else:
-        stored = _moments.xla_stored(
-            moment_coefficients, g, m, v, v_max,
-            rounding=rounding, split_complex=split_complex,
-        )
-        results[i] = (_moments.update_from_stored(
-            stored[0], stored[2], direction, g.dtype, split_complex=split_complex
-        ), *stored)
-    for indices in (chunk for chunks in together.values() for chunk in chunks):
-      moment_coefficients, direction = parts(g_leaves[indices[0]].dtype)
-      rounding_args = {"stochastic": stochastic, "seed": seed_bits, "step_count": count,
-                       "leaf_indices": indices}
-      if applying is not None:
-        group = _dispatch.stepped_together(
-            moment_coefficients, direction, step_size, weight_decay,
-            [(g_leaves[i], p_leaves[i], m_leaves[i], v_leaves[i], v_max_leaves[i])
-             for i in indices],
-            decay=[decays[i] for i in indices], **rounding_args,
-        )
-        for i, leaf in zip(indices, group, strict=True):
-          results[i] = leaf
-      else:
-        group = _dispatch.stored_together(
-            moment_coefficients,
-            [(g_leaves[i], m_leaves[i], v_leaves[i], v_max_leaves[i]) for i in indices],
-            **rounding_args,
-        )
-        for i, (m, v, v_max) in zip(indices, group, strict=True):
-          # The update reads the stored moments, cast back up: with narrow
-          # storage, each buffer's new value then has a single producer that
-          # XLA writes in place.
-          u = _moments.update_from_stored(
-              m, v_max, direction, g_leaves[i].dtype, split_complex=split_complex
-          )
-          results[i] = (u, m, v, v_max)
+      stored = _moments.xla_stored(
+          moment_coefficients, g, m, v, v_max, rounding=rounding, split_complex=split_complex,
+      )
+      return (_moments.update_from_stored(
+          stored[0], stored[2], direction, g.dtype, split_complex=split_complex
+      ), *stored)
+
+    if cpu.in_use():
+      results = cpu.step_leaves(
+          leaves, parts, None if applying is None else (step_size, weight_decay),
+          stochastic=stochastic, seed=seed_bits, count=count, xla_leaf=xla_leaf,
+      )
+    else:
+      results = [xla_leaf(i) for i in range(len(leaves))]
     new_updates, new_mu, new_nu, new_nu_max = (
-        treedef.unflatten([r[k] for r in results]) for k in range(4)  # type: ignore[index]
+        treedef.unflatten([r[k] for r in results]) for k in range(4)
     )
     return new_updates, ScaleByAmsgradState(
         count=count, mu=new_mu, nu=new_nu, nu_max=new_nu_max
@@ -436,51 +402,25 @@ def scale_by_amsgrad(
     flat state on XLA:CPU. None where that path does not apply (the caller
     then takes ``update`` and ``apply_updates``)."""
     _validation.check_state(state, ScaleByAmsgradState, name="scale_by_amsgrad")
-    g_leaves, treedef = jax.tree.flatten(grads)
-    p_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
     # One weight-decay flag for every leaf (a mask goes outside the flat
     # layout).
     decays = {bool(x) for x in jax.tree.leaves(applying.decay)}
-    if len(decays) > 1 or not isinstance(state.mu, dict):
+    if not cpu.in_use() or len(decays) > 1 or not isinstance(state.mu, dict):
       return None
-    decay = next(iter(decays), False)
-    if not all(_placement.on_one_device(p) for p in p_leaves):
-      # The one-pass handler would return the params whole, on every device.
-      return None
-    groups: dict[str, list[int]] = {}
-    for i, g in enumerate(g_leaves):
-      groups.setdefault(jnp.result_type(g).name, []).append(i)
-    names = sorted(state.mu)
-    if sorted(groups) != names:
-      return None
-    for name, indices in groups.items():
-      size = sum(int(np.prod(jnp.shape(g_leaves[i]), dtype=np.int64)) for i in indices)
-      m, v, v_max = (tree[name] for tree in (state.mu, state.nu, state.nu_max))
-      first = indices[0]
-      if (m.size != size or _dispatch.kernel_signature(
-          g_leaves[first], m, v, v_max, p_leaves[first]) is None
-          or any(jnp.result_type(p_leaves[i]) != jnp.result_type(g_leaves[i])
-                 for i in indices)):
-        return None
+    g_leaves, treedef = jax.tree.flatten(grads)
     count, parts = step_scalars(state, grads)
-    new_p: list[Any] = list(p_leaves)
-    new_state: dict[str, dict[str, jax.Array]] = {"mu": {}, "nu": {}, "nu_max": {}}
-    for leaf_index, name in enumerate(names):
-      indices = groups[name]
-      ps, (m, v, v_max) = _dispatch.stepped_flat(
-          *parts(jnp.result_type(g_leaves[indices[0]])),
-          jnp.asarray(applying.step_size), jnp.asarray(applying.weight_decay),
-          [(g_leaves[i], p_leaves[i]) for i in indices],
-          (state.mu[name], state.nu[name], state.nu_max[name]),
-          decay=decay,
-          stochastic=state_rounding == "stochastic", seed=jnp.uint32(seed),
-          step_count=count, leaf_index=leaf_index,
-      )
-      for i, p in zip(indices, ps, strict=True):
-        new_p[i] = p
-      new_state["mu"][name], new_state["nu"][name], new_state["nu_max"][name] = m, v, v_max
-    return treedef.unflatten(new_p), ScaleByAmsgradState(  # type: ignore[attr-defined]
-        count=count, **new_state
+    stepped = cpu.step_flat(
+        g_leaves, treedef.flatten_up_to(params),  # type: ignore[attr-defined]
+        (state.mu, state.nu, state.nu_max), parts,
+        (jnp.asarray(applying.step_size), jnp.asarray(applying.weight_decay)),
+        decay=next(iter(decays), False), stochastic=state_rounding == "stochastic",
+        seed=jnp.uint32(seed), count=count,
+    )
+    if stepped is None:
+      return None
+    new_params, (mu, nu, nu_max) = stepped
+    return treedef.unflatten(new_params), ScaleByAmsgradState(  # type: ignore[attr-defined]
+        count=count, mu=mu, nu=nu, nu_max=nu_max
     )
 
   appliers = Appliers(tree=apply_fn, flat=flat_apply_fn)

@@ -1,6 +1,6 @@
 """The one-pass CPU handler against the XLA path and the float64 reference.
 
-On CPU the moment update runs in the compiled handler (csrc/amsgrad_cpu.cc)
+On CPU the moment update runs in the compiled handler (cpu/csrc/amsgrad_cpu.cc)
 for real float32/bfloat16/float64 leaves; everything else, and every other
 platform, takes the XLA path. The handler evaluates the same operations in the
 same order; XLA:CPU contracts some ``a * b + c`` into fused multiply-adds, so
@@ -22,7 +22,6 @@ import optax
 import pytest
 
 import optax_amsgrad
-from optax_amsgrad import _cpu_kernel
 
 from gradients import TREE_SHAPES, initial_params, spiky_gradients
 from kernel_paths import xla_path
@@ -41,7 +40,7 @@ def _compiled_text(solver, params) -> str:
 def test_handler_is_built_and_registered():
   # CI installs the package with its compiled handler; without a compiler
   # the package still works, on the XLA path, and this test says so.
-  assert _cpu_kernel.available()
+  assert optax_amsgrad.cpu_kernel_available()
 
 
 @pytest.mark.parametrize(
@@ -323,7 +322,7 @@ def test_without_the_compiled_handler_everything_takes_the_xla_path():
   # As installed without a C++ compiler: the extension cannot be imported.
   code = """
 import sys
-sys.modules["optax_amsgrad._amsgrad_cpu"] = None  # import fails
+sys.modules["optax_amsgrad.cpu._amsgrad_cpu"] = None  # import fails
 import jax, jax.numpy as jnp, numpy as np, optax
 jax.config.update("jax_enable_x64", True)
 import optax_amsgrad

@@ -8,6 +8,7 @@ and the data-parallel example's final params as ``OUT_DIR/params_*.npz``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -259,15 +260,12 @@ def check_sharded_rounding(report: dict[str, Any]) -> None:
   both sides the states are bit-identical. By default one device runs the
   CPU handler and the shards round in XLA (the handler sees only its shard),
   which differ where XLA fuses a multiply-add: rarely a rounding decision."""
-  from optax_amsgrad import _cpu_kernel
+  from kernel_paths import xla_path
 
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
   results: dict[str, Any] = {}
   for path in ("xla", "default"):
-    supports = _cpu_kernel.supports
-    if path == "xla":
-      _cpu_kernel.supports = lambda *dtypes: False
-    try:
+    with xla_path() if path == "xla" else contextlib.nullcontext():
       for kind, options in (
           ("bfloat16_stochastic", {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}),
           ("float32", {}),
@@ -298,8 +296,6 @@ def check_sharded_rounding(report: dict[str, Any]) -> None:
                      zip(states["sharded"], states["single"], strict=True))
         total = sum(a.size for a in states["single"])
         results[f"{path}/{kind}"] = {"differ": differ, "total": total}
-    finally:
-      _cpu_kernel.supports = supports
   report["sharded_rounding"] = results
 
 

@@ -1,10 +1,12 @@
-"""The compiled one-pass AMSGrad handlers for XLA:CPU (``csrc/amsgrad_cpu.cc``).
+"""The compiled one-pass AMSGrad handlers for XLA:CPU (``csrc/amsgrad_cpu.cc``):
+their FFI binding.
 
 XLA:CPU compiles the moment update into one kernel per output array, three
 full passes over memory. The handlers update ``m``, ``v`` and ``v_max`` in one
 pass, in place (``moments``), or also apply the step to the params in the
-same pass (``step``), with the arithmetic of the XLA path. ``_moments`` decides
-where each leaf runs; this module only registers and calls the handlers.
+same pass (``step``), with the arithmetic of the XLA path (``_math``). The
+package's ``__init__`` decides where each leaf runs; ``_rules`` gives the calls
+their sharding, vmap and JVP rules; this module registers and calls them.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def available() -> bool:
 def _registered() -> bool:
   """Registers the handlers with XLA once; False when they were not built."""
   try:
-    from optax_amsgrad import _amsgrad_cpu  # type: ignore[attr-defined]
+    from optax_amsgrad.cpu import _amsgrad_cpu  # type: ignore[attr-defined]
   except ImportError:
     return False
   handlers = _amsgrad_cpu.handlers()

@@ -50,7 +50,7 @@ namespace {
 // the loop compiled for AVX2 and AVX-512 (below) run that code throughout.
 #define AMSGRAD_INLINE inline __attribute__((always_inline))
 
-// Layout of the coefficient vector, shared with optax_amsgrad/_cpu_kernel.py.
+// Layout of the coefficient vector, shared with optax_amsgrad/cpu/_ffi.py.
 enum Coefficient : int64_t {
   kB1,
   kB2,

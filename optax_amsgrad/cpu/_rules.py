@@ -1,11 +1,11 @@
-"""Where each leaf's step runs: the CPU handlers, or XLA.
+"""The handler calls' rules, and where each leaf's step runs: the handlers or XLA.
 
-On XLA:CPU, for the dtypes they cover, compiled handlers (``_cpu_kernel``)
+On XLA:CPU, for the dtypes they cover, compiled handlers (``_ffi``)
 update ``m``, ``v`` and ``v_max`` (and, for ``apply_step``, the params) of many
 leaves in one pass; elsewhere XLA computes ``_moments``' arithmetic. Both
 evaluate the same operations in the same order; XLA:CPU may contract
 ``a * b + c`` into a fused multiply-add where the handlers do not, so the two
-agree to within a rounding of each operation (tests/test_cpu_kernel.py).
+agree to within a rounding of each operation (tests/test_ffi.py).
 
 A handler is an opaque call to XLA, so it brings its own rules: under vmap it
 takes the batch as leading rows, on sharded arrays it runs on each shard where
@@ -25,16 +25,17 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_amsgrad import _cpu_kernel, _rounding
+from optax_amsgrad import _rounding
 from optax_amsgrad._moments import (
-    Direction,
-    MomentCoefficients,
-    Rounding,
-    Step,
-    compute_dtypes,
-    xla_stepped,
-    xla_stored,
+  Direction,
+  MomentCoefficients,
+  Rounding,
+  Step,
+  compute_dtypes,
+  xla_stepped,
+  xla_stored,
 )
+from optax_amsgrad.cpu import _ffi
 
 
 def kernel_signature(
@@ -43,18 +44,15 @@ def kernel_signature(
   """The dtypes that put a leaf in a handler call, or None where the CPU
   handlers do not cover it (complex, float16, mixed precision other than
   bfloat16 storage, params outside the compute dtype for the step, inside
-  ``shard_map``, or a default backend other than the CPU)."""
+  ``shard_map``)."""
   _, v_dtype = compute_dtypes(g.dtype)
   if p is not None and not (p.dtype == g.dtype == v_dtype):
-    return None
-  if jax.default_backend() != "cpu":
-    # GPUs and TPUs run the plain XLA path, with no platform switch to trace.
     return None
   if jax.sharding.get_abstract_mesh().manual_axes:
     # Inside shard_map each device already holds its own block: the XLA path
     # updates it there, where the handlers' partitioning rules do not apply.
     return None
-  if v_max.dtype != v.dtype or not _cpu_kernel.supports(v_dtype, g.dtype, m.dtype, v.dtype):
+  if v_max.dtype != v.dtype or not _ffi.supports(v_dtype, g.dtype, m.dtype, v.dtype):
     return None
   return (v_dtype, g.dtype, m.dtype, v.dtype, p is not None)
 
@@ -116,7 +114,7 @@ class _KernelCall(NamedTuple):
 
 # The scalar operands of a handler call: every coefficient, then seed and
 # count; the arrays of each leaf follow (g, [p,] m, v, v_max).
-_NUM_SCALARS = len(_cpu_kernel.COEFFICIENTS) + 2
+_NUM_SCALARS = len(_ffi.COEFFICIENTS) + 2
 
 
 def _on_platform(
@@ -133,7 +131,7 @@ def _on_platform(
   coefficients in the compute dtype (unnamed ones zero), seed, count, then
   ``arrays``."""
   dtype = compute_dtypes(arrays[0].dtype)[1]
-  scalars = [jnp.asarray(values.get(name, 0), dtype) for name in _cpu_kernel.COEFFICIENTS]
+  scalars = [jnp.asarray(values.get(name, 0), dtype) for name in _ffi.COEFFICIENTS]
   result: tuple[jax.Array, ...] = jax.lax.platform_dependent(
       *scalars, seed, step_count, *arrays, cpu=kernel, default=xla
   )
@@ -144,7 +142,7 @@ def _split_scalars(
     operands: Sequence[Any],
 ) -> tuple[dict[str, Any], Any, Any, Sequence[Any]]:
   """(coefficients by name, seed, count, arrays) of a handler's operands."""
-  values = dict(zip(_cpu_kernel.COEFFICIENTS, operands, strict=False))
+  values = dict(zip(_ffi.COEFFICIENTS, operands, strict=False))
   seed, count = operands[_NUM_SCALARS - 2: _NUM_SCALARS]
   return values, seed, count, operands[_NUM_SCALARS:]
 
@@ -245,7 +243,7 @@ def _call_kernel(call: _KernelCall, *operands: jax.Array) -> tuple[jax.Array, ..
   values, seed, count, leaves = _split(call, operands)
   g, m, v = leaves[0][0], leaves[0][-3], leaves[0][-2]
   dtype = compute_dtypes(g.dtype)[1]
-  packed = _cpu_kernel.pack(values, dtype)
+  packed = _ffi.pack(values, dtype)
   batch = packed.shape[:-1]
   if _needs_keys(call.stochastic, g, m, v):
     # All leaves' keys at once: [..., leaves, 2]. Stacked from scalars: a
@@ -255,10 +253,10 @@ def _call_kernel(call: _KernelCall, *operands: jax.Array) -> tuple[jax.Array, ..
   else:
     keys = jnp.zeros((*batch, len(leaves), 2), jnp.uint32)
   if call.apply:
-    results = _cpu_kernel.step(packed, keys, leaves,
+    results = _ffi.step(packed, keys, leaves,
                                stochastic=call.stochastic, decay=call.decay)
   else:
-    results = _cpu_kernel.moments(packed, keys, leaves,
+    results = _ffi.moments(packed, keys, leaves,
                                   stochastic=call.stochastic)
   return tuple(x for leaf in results for x in leaf)
 
@@ -500,12 +498,12 @@ def _flat_xla_call(call: _FlatCall, *operands: jax.Array) -> tuple[jax.Array, ..
 def _flat_call_kernel(call: _FlatCall, *operands: jax.Array) -> tuple[jax.Array, ...]:
   values, seed, count, gs, ps, (m, v, v_max) = _split_flat(operands)
   dtype = compute_dtypes(gs[0].dtype)[1]
-  packed = _cpu_kernel.pack(values, dtype)
+  packed = _ffi.pack(values, dtype)
   if _needs_keys(call.stochastic, gs[0], m, v):
     keys = _stream_keys(seed, count, call.leaf_index)
   else:
     keys = jnp.zeros((*packed.shape[:-1], 2), jnp.uint32)
-  new_ps, state = _cpu_kernel.flat_step(
+  new_ps, state = _ffi.flat_step(
       packed, keys, list(zip(gs, ps, strict=True)), (m, v, v_max),
       stochastic=call.stochastic, decay=[call.decay] * len(gs),
   )

@@ -1,0 +1,175 @@
+"""The optional CPU kernel: AMSGrad's step in one pass over memory on XLA:CPU.
+
+``scale_by_amsgrad`` reaches it through :func:`step_leaves` (and
+:func:`step_flat` for a ``flatten_by_dtype`` state), and only where
+:func:`in_use` says so: the kernel was built, it is not switched off
+(``OPTAX_AMSGRAD_CPU_KERNEL=0``), and the default backend is the CPU.
+Everywhere else, GPUs and TPUs included, the core runs ``_math`` leaf by leaf
+and touches nothing here.
+
+- ``csrc/amsgrad_cpu.cc``: the handlers, C++ called through the XLA FFI.
+- ``_ffi``: registering and calling them.
+- ``_rules``: which leaves they cover, their vmap, JVP and partitioning
+  rules, and the choice between them and XLA when lowering (other platforms
+  an exported step may target).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, cast
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_amsgrad import _moments
+from optax_amsgrad.cpu import _rules
+from optax_amsgrad.cpu._ffi import available
+
+__all__ = ["Leaf", "available", "in_use", "step_flat", "step_leaves"]
+
+# Leaves per handler call: XLA's compile time grows faster than linearly in
+# the operands of one call, and beyond a few dozen leaves one call per leaf
+# group saves nothing at run time (benchmarks/README.md).
+_LEAVES_PER_CALL = 32
+
+# The step's scalars by the params' dtype: (moment coefficients, direction).
+Scalars = Callable[[jnp.dtype], tuple[_moments.MomentCoefficients, _moments.Direction]]
+
+
+def in_use() -> bool:
+  """Whether steps traced now may take the kernel."""
+  return available() and jax.default_backend() == "cpu"
+
+
+class Leaf(NamedTuple):
+  """One leaf of a step: the gradient, the params (None for ``update``), the
+  stored moments, and whether the weight decay applies to it."""
+
+  g: jax.Array
+  p: jax.Array | None
+  m: jax.Array
+  v: jax.Array
+  v_max: jax.Array
+  decay: bool
+
+
+def step_leaves(
+    leaves: Sequence[Leaf],
+    scalars: Scalars,
+    step: tuple[jax.Array, jax.Array] | None,
+    *,
+    stochastic: bool,
+    seed: jax.Array,
+    count: jax.Array,
+    xla_leaf: Callable[[int], tuple[jax.Array, ...]],
+) -> list[tuple[jax.Array, ...]]:
+  """``(updates or params after the step, m, v, v_max)`` of every leaf.
+
+  Leaves the handlers cover go through them, up to 32 of one set of dtypes
+  per call; ``xla_leaf(i)`` gives the others. ``step`` is ``(step_size,
+  weight_decay)`` when the params move in the same pass (``apply_step``),
+  None for ``update``, which returns the updates.
+  """
+  results: list[tuple[jax.Array, ...] | None] = [None] * len(leaves)
+  together: dict[tuple[Any, ...], list[list[int]]] = {}
+  for i, leaf in enumerate(leaves):
+    signature = _rules.kernel_signature(leaf.g, leaf.m, leaf.v, leaf.v_max, leaf.p)
+    if signature is None:
+      results[i] = xla_leaf(i)
+      continue
+    chunks = together.setdefault(signature, [[]])
+    if len(chunks[-1]) == _LEAVES_PER_CALL:
+      chunks.append([])
+    chunks[-1].append(i)
+  for indices in (chunk for chunks in together.values() for chunk in chunks):
+    coefficients, direction = scalars(leaves[indices[0]].g.dtype)
+    rounding: dict[str, Any] = {"stochastic": stochastic, "seed": seed, "step_count": count,
+                                "leaf_indices": indices}
+    if step is not None:
+      group = _rules.stepped_together(
+          coefficients, direction, *step,
+          # With a step every leaf has its params.
+          [(leaves[i].g, cast(jax.Array, leaves[i].p), leaves[i].m, leaves[i].v,
+            leaves[i].v_max) for i in indices],
+          decay=[leaves[i].decay for i in indices], **rounding,
+      )
+      for i, stepped in zip(indices, group, strict=True):
+        results[i] = stepped
+    else:
+      group = _rules.stored_together(
+          coefficients, [(leaves[i].g, leaves[i].m, leaves[i].v, leaves[i].v_max)
+                         for i in indices], **rounding,
+      )
+      for i, (m, v, v_max) in zip(indices, group, strict=True):
+        # The update reads the stored moments, cast back up: with narrow
+        # storage, each buffer's new value then has a single producer that
+        # XLA writes in place.
+        u = _moments.update_from_stored(
+            m, v_max, direction, leaves[i].g.dtype, split_complex=False
+        )
+        results[i] = (u, m, v, v_max)
+  return results  # type: ignore[return-value]
+
+
+def step_flat(
+    g_leaves: Sequence[jax.Array],
+    p_leaves: Sequence[jax.Array],
+    state: tuple[Mapping[str, jax.Array], Mapping[str, jax.Array], Mapping[str, jax.Array]],
+    scalars: Scalars,
+    step: tuple[jax.Array, jax.Array],
+    *,
+    decay: bool,
+    stochastic: bool,
+    seed: jax.Array,
+    count: jax.Array,
+) -> tuple[list[jax.Array], tuple[dict[str, jax.Array], ...]] | None:
+  """The params after the step and the new flat ``(mu, nu, nu_max)`` of a
+  ``flatten_by_dtype`` state (one buffer per dtype name, holding that dtype's
+  leaves raveled in order): one pass over each dtype's leaves and buffers.
+  None where the handlers do not cover the step (the caller then takes
+  ``update`` and ``apply_updates``)."""
+  mu, nu, nu_max = state
+  if not all(_on_one_device(p) for p in p_leaves):
+    # The one-pass handler would return the params whole, on every device.
+    return None
+  groups: dict[str, list[int]] = {}
+  for i, g in enumerate(g_leaves):
+    groups.setdefault(jnp.result_type(g).name, []).append(i)
+  names = sorted(mu)
+  if sorted(groups) != names:
+    return None
+  for name, indices in groups.items():
+    size = sum(int(np.prod(jnp.shape(g_leaves[i]), dtype=np.int64)) for i in indices)
+    first = indices[0]
+    if (mu[name].size != size
+        or _rules.kernel_signature(g_leaves[first], mu[name], nu[name], nu_max[name],
+                                   p_leaves[first]) is None
+        or any(jnp.result_type(p_leaves[i]) != jnp.result_type(g_leaves[i])
+               for i in indices)):
+      return None
+  new_p: list[jax.Array] = list(p_leaves)
+  new_state: tuple[dict[str, jax.Array], ...] = ({}, {}, {})
+  for position, name in enumerate(names):
+    indices = groups[name]
+    ps, buffers = _rules.stepped_flat(
+        *scalars(jnp.result_type(g_leaves[indices[0]])), *step,
+        [(g_leaves[i], p_leaves[i]) for i in indices],
+        (mu[name], nu[name], nu_max[name]),
+        decay=decay, stochastic=stochastic, seed=seed, step_count=count,
+        leaf_index=position,
+    )
+    for i, p in zip(indices, ps, strict=True):
+      new_p[i] = p
+    for tree, buffer in zip(new_state, buffers, strict=True):
+      tree[name] = buffer
+  return new_p, new_state
+
+
+def _on_one_device(x: Any) -> bool:
+  """Whether ``x`` (an array or a tracer) lives on a single device: its type
+  names no mesh of several devices."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  return mesh is None or mesh.size <= 1

@@ -7,10 +7,9 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from optax_amsgrad import _moments, _placement, _validation, cpu
+from optax_amsgrad import _math, _placement, _validation, cpu
 
 Convention = Literal["pytorch", "keras", "optax", "paper"]
 StateRounding = Literal["stochastic", "nearest"]
@@ -86,78 +85,6 @@ class AmsgradUpdate:
       params: optax.Params | None = None,
   ) -> tuple[optax.Updates, ScaleByAmsgradState]:
     return self._update(updates, state, params)
-
-
-def _complement(x: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.Array:
-  """``1 - x``, taken in float64 on the host when ``x`` is concrete: in float32
-  ``1 - 0.999`` is off by 1.3e-5 relative, PyTorch's ``1 - beta2`` is not."""
-  if isinstance(x, jax.core.Tracer):
-    return 1 - jnp.asarray(x, dtype)
-  return jnp.asarray(1.0 - np.asarray(x, np.float64), dtype)
-
-
-def _bias_correction(b: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
-  """``1 - b**t`` as ``-expm1(t log b)``, with ``log b`` taken in float64 on the
-  host when ``b`` is concrete: accurate to the last bit in float32 too, where
-  ``1 - 0.9f`` is off by 2.4e-7 relative and would not cancel against the
-  host-computed ``1 - b1`` of the first moment."""
-  if isinstance(b, jax.core.Tracer):
-    log_b = jnp.log(jnp.asarray(b, t.dtype))
-  else:
-    with np.errstate(divide="ignore"):
-      log_b = jnp.asarray(np.log(np.asarray(b, np.float64)), t.dtype)
-  return -jnp.expm1(t * log_b)
-
-
-def _coefficients(
-    convention: str,
-    dtype: jnp.dtype,
-    count: jax.Array,
-    b1: jax.typing.ArrayLike,
-    b2: jax.typing.ArrayLike,
-    eps: jax.typing.ArrayLike,
-    eps_root: jax.typing.ArrayLike,
-) -> tuple[_moments.MomentCoefficients, _moments.Direction]:
-  """The step's scalars in ``dtype``: the update is ``m * numerator /
-  (sqrt(nu_max * denominator + eps_root) + eps)`` and ``nu_max`` takes
-  ``max(nu_max, v * nu_max_scale)``. Every convention is one choice of these
-  three."""
-  t = count.astype(dtype)
-  # Complements and bias corrections are taken from the hyperparameters as
-  # given (host float64 when concrete), before they are cast to ``dtype``.
-  one_minus_b1 = _complement(b1, dtype)
-  one_minus_b2 = _complement(b2, dtype)
-  bias_correction1 = _bias_correction(b1, t)
-  bias_correction2 = _bias_correction(b2, t)
-  one = jnp.ones([], dtype)
-  # Exactly 1 (t is a finite count), but computed rather than a constant. A
-  # constant 1 is folded away, which leaves ``maximum(nu_max, v)`` as a kernel
-  # with no scalar operand, and XLA:CPU compiles such kernels with a loop
-  # emitter that streams about 1.5x slower (benchmarks/README.md).
-  exact_one = (t - t) + 1
-  numerator, denominator, nu_max_scale = one, one, exact_one
-  if convention == "pytorch":
-    numerator = 1 / bias_correction1
-    denominator = 1 / bias_correction2
-  elif convention == "keras":
-    numerator = jnp.sqrt(bias_correction2) / bias_correction1
-  elif convention == "optax":
-    numerator = 1 / bias_correction1
-    nu_max_scale = 1 / bias_correction2
-  moment_coefficients = _moments.MomentCoefficients(
-      b1=jnp.asarray(b1, dtype),
-      b2=jnp.asarray(b2, dtype),
-      one_minus_b1=one_minus_b1,
-      one_minus_b2=one_minus_b2,
-      nu_max_scale=nu_max_scale,
-  )
-  direction = _moments.Direction(
-      eps=jnp.asarray(eps, dtype),
-      eps_root=jnp.asarray(eps_root, dtype),
-      numerator=numerator,
-      denominator=denominator,
-  )
-  return moment_coefficients, direction
 
 
 def scale_by_amsgrad(
@@ -262,7 +189,7 @@ def scale_by_amsgrad(
       # The dtype names a precision; the first moment of complex params is
       # complex.
       return jnp.promote_types(mu_storage_dtype, jnp.complex64)
-    return _moments.real_dtype(mu_storage_dtype)
+    return _math.real_dtype(mu_storage_dtype)
 
   def nu_storage(param_dtype: jnp.dtype) -> jnp.dtype:
     # float16 cannot hold |g|**2 for |g| > 256, so its moments default to
@@ -271,7 +198,7 @@ def scale_by_amsgrad(
     dtype = nu_storage_dtype if nu_storage_dtype is not None else jnp.dtype(default)
     if split_complex and jnp.issubdtype(param_dtype, jnp.complexfloating):
       return jnp.promote_types(dtype, jnp.complex64)
-    return _moments.real_dtype(dtype)
+    return _math.real_dtype(dtype)
 
   def init_fn(params: optax.Params) -> ScaleByAmsgradState:
     _validation.check_params_dtypes(params, what="params")
@@ -301,9 +228,9 @@ def scale_by_amsgrad(
     by_dtype: dict[jnp.dtype, tuple[Any, Any]] = {}
 
     def scalars(param_dtype: jnp.dtype) -> tuple[Any, Any]:
-      dtype = _moments.compute_dtypes(param_dtype)[1]
+      dtype = _math.compute_dtypes(param_dtype)[1]
       if dtype not in by_dtype:
-        by_dtype[dtype] = _coefficients(convention, dtype, count, b1_t, b2, eps, eps_root)
+        by_dtype[dtype] = _math.coefficients(convention, dtype, count, b1_t, b2, eps, eps_root)
       return by_dtype[dtype]
 
     return count, scalars
@@ -347,17 +274,17 @@ def scale_by_amsgrad(
       """(new params or updates, m, v, v_max) of leaf ``i``, by XLA."""
       g, p, m, v, v_max, decay = leaves[i]
       moment_coefficients, direction = parts(g.dtype)
-      rounding = _moments.Rounding(stochastic, seed_bits, count, i)
+      rounding = _math.Rounding(stochastic, seed_bits, count, i)
       if p is not None:
-        step = _moments.Step(step_size, weight_decay, decay)
-        return _moments.xla_stepped(
+        step = _math.Step(step_size, weight_decay, decay)
+        return _math.xla_stepped(
             moment_coefficients, direction, step, g, p, m, v, v_max,
             rounding=rounding, split_complex=split_complex,
         )
-      stored = _moments.xla_stored(
+      stored = _math.xla_stored(
           moment_coefficients, g, m, v, v_max, rounding=rounding, split_complex=split_complex,
       )
-      return (_moments.update_from_stored(
+      return (_math.update_from_stored(
           stored[0], stored[2], direction, g.dtype, split_complex=split_complex
       ), *stored)
 

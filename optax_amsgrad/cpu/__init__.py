@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_amsgrad import _moments
+from optax_amsgrad import _math
 from optax_amsgrad.cpu import _rules
 from optax_amsgrad.cpu._ffi import available
 
@@ -35,7 +35,7 @@ __all__ = ["Leaf", "available", "in_use", "step_flat", "step_leaves"]
 _LEAVES_PER_CALL = 32
 
 # The step's scalars by the params' dtype: (moment coefficients, direction).
-Scalars = Callable[[jnp.dtype], tuple[_moments.MomentCoefficients, _moments.Direction]]
+Scalars = Callable[[jnp.dtype], tuple[_math.MomentCoefficients, _math.Direction]]
 
 
 def in_use() -> bool:
@@ -106,7 +106,7 @@ def step_leaves(
         # The update reads the stored moments, cast back up: with narrow
         # storage, each buffer's new value then has a single producer that
         # XLA writes in place.
-        u = _moments.update_from_stored(
+        u = _math.update_from_stored(
             m, v_max, direction, leaves[i].g.dtype, split_complex=False
         )
         results[i] = (u, m, v, v_max)

@@ -2,7 +2,7 @@
 
 On XLA:CPU, for the dtypes they cover, compiled handlers (``_ffi``)
 update ``m``, ``v`` and ``v_max`` (and, for ``apply_step``, the params) of many
-leaves in one pass; elsewhere XLA computes ``_moments``' arithmetic. Both
+leaves in one pass; elsewhere XLA computes ``_math``'s arithmetic. Both
 evaluate the same operations in the same order; XLA:CPU may contract
 ``a * b + c`` into a fused multiply-add where the handlers do not, so the two
 agree to within a rounding of each operation (tests/test_ffi.py).
@@ -26,7 +26,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_amsgrad import _rounding
-from optax_amsgrad._moments import (
+from optax_amsgrad._math import (
   Direction,
   MomentCoefficients,
   Rounding,
@@ -148,7 +148,7 @@ def _split_scalars(
 
 
 def _arithmetic(values: dict[str, Any]) -> tuple[MomentCoefficients, Direction]:
-  """The named scalars of ``_moments`` from the coefficients by name."""
+  """The named scalars of ``_math`` from the coefficients by name."""
   return (MomentCoefficients(**{k: values[k] for k in MomentCoefficients._fields}),
           Direction(**{k: values[k] for k in Direction._fields}))
 

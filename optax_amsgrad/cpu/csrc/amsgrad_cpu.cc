@@ -5,8 +5,8 @@
 // v_max once and writes m, v and v_max once, in place (28 bytes per float32
 // parameter instead of 36 over three passes); `AmsgradStep` also applies the
 // update to the params in the same pass (36 bytes, the least an AMSGrad step
-// can move). The arithmetic is that of `_moments.moments`, `_rounding.store`
-// and `store_max` (and, for the step, `_moments.direction` and the chain of
+// can move). The arithmetic is that of `_math.moments`, `_rounding.store`
+// and `store_max` (and, for the step, `_math.direction` and the chain of
 // `amsgrad`/`amsgradw`), operation for operation, each rounded as written
 // (the build disables floating-point contraction).
 //
@@ -167,7 +167,7 @@ AMSGRAD_INLINE C Maximum(C a, C b) {
   return a != a ? a : larger;
 }
 
-// _moments.saturate for real g: finite magnitudes above `limit` come down to
+// _math.saturate for real g: finite magnitudes above `limit` come down to
 // it; infinities and NaN pass. Each comparison is false for NaN, which keeps
 // g; infinities are clipped and then restored.
 template <typename C>

@@ -10,7 +10,9 @@ the plain step.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import export
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_amsgrad
 
+from kernel_paths import xla_path
 from training_loops import JITTED_INIT, OPTIMIZERS, compiles_over_a_loop
 
 # A spec with one entry per dimension, and one without its trailing None.
@@ -37,6 +41,11 @@ OTHER_FORM = {AxisType.Auto: FULL, AxisType.Explicit: SHORT}
 SHAPES = {"kernel": (16, 8), "bias": (16,), "scale": ()}
 
 
+# A custom call of the CPU kernel in StableHLO text (file names in the
+# locations also say optax_amsgrad).
+KERNEL_CALL = re.compile(r"custom_call @optax_amsgrad_\w+")
+
+
 def sharded_params(mesh: jax.sharding.Mesh, layout: dict[str, P]) -> dict[str, jax.Array]:
   rng = np.random.default_rng(0)
   return {
@@ -47,12 +56,10 @@ def sharded_params(mesh: jax.sharding.Mesh, layout: dict[str, P]) -> dict[str, j
   }
 
 
-def shard_mapped(mesh: jax.sharding.Mesh) -> dict[str, float | int]:
-  """A data-parallel step written with shard_map: each device updates its
-  block of params and state with its block of the gradients."""
-  solver = optax_amsgrad.amsgrad(1e-2)
-  kernel = jnp.linspace(-1.0, 1.0, 128, dtype=jnp.float32).reshape(16, 8)
-  params = {"kernel": jax.device_put(kernel, NamedSharding(mesh, P("data")))}
+def shard_mapped_step(mesh: jax.sharding.Mesh, solver: optax.GradientTransformation,
+                      params: Any) -> tuple[Any, Any]:
+  """A data-parallel step written with shard_map, each device updating its
+  block of params and state with its block of the gradients; and its state."""
   state = solver.init(params)
 
   def step(params: dict[str, jax.Array], state: optax.OptState,
@@ -65,17 +72,63 @@ def shard_mapped(mesh: jax.sharding.Mesh) -> dict[str, float | int]:
       step, mesh=mesh, in_specs=(P("data"), state_specs, P("data")),
       out_specs=(P("data"), state_specs),
   ))
-  plain = jax.jit(step)
-  ours, theirs = (params, state), (params, state)
-  for i in range(3):
-    grads = jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)), params)
-    ours = mapped(*ours, grads)
-    theirs = plain(*theirs, grads)
-  difference = max(
-      float(jnp.max(jnp.abs(a - b)))
-      for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True)
-  )
-  return {"compiles": mapped._cache_size(), "max_difference": difference}
+  return mapped, state
+
+
+def shard_mapped(mesh: jax.sharding.Mesh) -> dict[str, float | int]:
+  """The shard_map'ed step against the plain one, with the kernel on and off."""
+  report: dict[str, float | int] = {}
+  for path in ("kernel", "xla"):
+    with xla_path() if path == "xla" else contextlib.nullcontext():
+      solver = optax_amsgrad.amsgrad(1e-2)
+      kernel = jnp.linspace(-1.0, 1.0, 128, dtype=jnp.float32).reshape(16, 8)
+      params = {"kernel": jax.device_put(kernel, NamedSharding(mesh, P("data")))}
+      mapped, state = shard_mapped_step(mesh, solver, params)
+
+      @jax.jit
+      def plain(params: Any, state: Any, grads: Any, solver: Any = solver) -> Any:
+        updates, state = solver.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+      ours, theirs = (params, state), (params, state)
+      for i in range(3):
+        grads = jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)), params)
+        ours = mapped(*ours, grads)
+        theirs = plain(*theirs, grads)
+      report[f"{path}/compiles"] = mapped._cache_size()
+      report[f"{path}/max_difference"] = max(
+          float(jnp.max(jnp.abs(a - b)))
+          for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True)
+      )
+  return report
+
+
+def exports(mesh: jax.sharding.Mesh) -> dict[str, str]:
+  """A train step exported for each accelerator platform, float32 and
+  bfloat16 state, sharded and inside shard_map: "ok" when it exports with no
+  custom call of the CPU kernel, else what went wrong."""
+  found: dict[str, str] = {}
+  for state_name, options in (("float32", {}),
+                              ("bfloat16", {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16})):
+    solver = optax_amsgrad.amsgrad(1e-2, **options)
+    kernel = jnp.linspace(-1.0, 1.0, 128, dtype=jnp.float32).reshape(16, 8)
+    params = {"kernel": jax.device_put(kernel, NamedSharding(mesh, P("data")))}
+    mapped, state = shard_mapped_step(mesh, solver, params)
+
+    def step(params: Any, state: Any, grads: Any, solver: Any = solver) -> Any:
+      updates, state = solver.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    for layout, function in (("sharded", jax.jit(step)), ("shard_map", mapped)):
+      for platform in ("cuda", "rocm", "tpu"):
+        case = f"{platform}/{state_name}/{layout}"
+        try:
+          exported = export.export(function, platforms=(platform,))(params, state, params)
+          text = exported.mlir_module()
+          found[case] = "kernel custom call" if KERNEL_CALL.search(text) else "ok"
+        except Exception as error:  # recorded, and the test names it
+          found[case] = f"{type(error).__name__}: {str(error)[:200]}"
+  return found
 
 
 def placement_mismatches(solver: optax.GradientTransformation, params: Any) -> list[str]:
@@ -124,7 +177,8 @@ def main() -> None:
               OPTIMIZERS[name](), sharded_params(mesh, layouts[axis_type])
           )
   auto = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
-  report = {"compiles": compiles, "placement": placement, "shard_map": shard_mapped(auto)}
+  report = {"compiles": compiles, "placement": placement, "shard_map": shard_mapped(auto),
+            "exports": exports(auto)}
   out.joinpath("results.json").write_text(json.dumps(report, indent=1))
 
 

@@ -23,12 +23,10 @@ median time of a step that saves and of one that does not.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import itertools
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from machine import git, version
 
 import optax_amsgrad
 from optax_amsgrad import checkpoint
@@ -114,23 +113,6 @@ class Run:
     self.steps += length
 
 
-def git_commit() -> str | None:
-  try:
-    return subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-        cwd=Path(__file__).resolve().parent,
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
-def version(package: str) -> str | None:
-  try:
-    return importlib.metadata.version(package)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--interval", type=int, default=100, help="steps between saves")
@@ -185,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
           "command": " ".join(
               ["python benchmarks/checkpoint_cost.py", *(sys.argv[1:] if argv is None else argv)]
           ),
-          "commit": git_commit(),
+          "commit": (git("rev-parse", "HEAD") or "").strip() or None,
           "machine": {
               "platform": platform.platform(),
               "processor": platform.processor(),

@@ -46,7 +46,6 @@ renders the tables into the READMEs from it.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
@@ -63,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from machine import cpu_model, git, load_average, version
 
 import optax_amsgrad
 
@@ -274,39 +274,6 @@ def run_worker(spec: dict[str, Any], kernel: str | None) -> dict[str, Any]:
         f"\n{result.stderr[-3000:]}"
     )
   return json.loads(lines[-1][len(RESULT_MARK):])
-
-
-def git(*args: str) -> str | None:
-  try:
-    return subprocess.run(
-        ["git", *args], capture_output=True, text=True, check=True, cwd=ROOT
-    ).stdout
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
-def version(package: str) -> str | None:
-  try:
-    return importlib.metadata.version(package)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
-def load_average() -> list[float] | None:
-  try:
-    return [round(x, 2) for x in os.getloadavg()]
-  except OSError:  # pragma: no cover - not available
-    return None
-
-
-def cpu_model() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:  # pragma: no cover - not on Linux
-    pass
-  return platform.processor() or platform.machine()
 
 
 def environment(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:

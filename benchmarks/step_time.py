@@ -58,9 +58,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from machine import cpu_model, cpu_threads, load_average
 
 import optax_amsgrad
-from optax_amsgrad._flat import flatten_by_dtype
+from optax_amsgrad import flatten_by_dtype
 
 try:
   import torch
@@ -115,30 +116,6 @@ TORCH_VARIANTS = {"torch_fused": {"fused": True}, "torch_foreach": {"foreach": T
 COMPILE_VARIANTS = [
     "ours", "ours.apply_step", "ours_flat", "ours_flat.apply_step", "optax.amsgrad"
 ]
-
-
-def cpu_threads() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # pragma: no cover - not on Linux
-    return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:  # pragma: no cover - not on Linux
-    pass
-  return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float] | None:
-  try:
-    return [round(x, 2) for x in os.getloadavg()]
-  except OSError:  # pragma: no cover - not available
-    return None
 
 
 def torch_device() -> str | None:

@@ -2,13 +2,14 @@
 
 jit keys its cache on each argument's sharding and on whether it is committed
 to a device. A jitted step returns committed arrays whenever one of its
-arguments is committed, and uncommitted ones when none is; it returns a
-``NamedSharding`` with one spec entry per dimension. A state that ``init``
-made anywhere else would be returned different by the first step, and the
-second step would compile again. So ``init`` puts each moment where the step
-will: uncommitted beside an uncommitted param, on a committed param's
-sharding, its spec written as jit writes it; and the step count, a scalar, where
-the committed params are (replicated over their mesh), or uncommitted.
+arguments is committed, and uncommitted ones when none is, and it writes a
+``NamedSharding``'s spec in a form of its own (see ``_as_returned``). A state
+that ``init`` made anywhere else would come back from the first step
+different, and the second step would compile again. So ``init`` puts each
+moment where the step will: uncommitted beside an uncommitted param, on a
+committed param's sharding with its spec written as jit writes it; and the
+step count, a scalar, where the committed params are (replicated over their
+mesh), or uncommitted.
 """
 
 from __future__ import annotations

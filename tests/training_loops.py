@@ -52,16 +52,14 @@ def compiles_over_a_loop(
     call: str,
     donate: bool,
     init_how: str = "eager",
-    traces: int = 1,
 ) -> int:
   """Runs ``STEPS`` jitted steps from ``init`` and returns how many executables
-  the step compiled; fails (chex) if the step's Python is traced more than
-  ``traces`` times."""
+  the step compiled; fails (chex) if the step's Python is traced twice."""
   state = init(solver, params, init_how)
   # chex counts traces by the function's code, the same at every call here.
   chex.clear_trace_counter()
 
-  @chex.assert_max_traces(n=traces)
+  @chex.assert_max_traces(n=1)
   def step(params: Any, state: Any, scale: jax.Array) -> tuple[Any, Any]:
     grads = jax.tree.map(lambda p: scale * jnp.cos(p), params)
     if call == "apply_step":

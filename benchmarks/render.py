@@ -9,10 +9,23 @@ and is rendered from the JSON in ``benchmarks/results``. Blocks:
 
 * ``compile_time``: both tables of ``compile_time.json``,
 * ``compile_time.first_call``: first call and compiles of the train step,
-* ``compile_time.step_time``: the step time on the XLA path.
+* ``compile_time.step_time``: the step time on the XLA path,
+* ``step_time.vs_torch_fused``: step time relative to torch fused (``README.md``),
+* ``step_time.limit_first_call``: fraction of the limit, first call and the
+  1e7 medians (``README.md``),
+* ``step_time.one_pass``: the kernels of one step and their 1e7 step time,
+* ``step_time.vs_optax``: step time relative to ``optax.amsgrad``,
+* ``step_time.vs_torch_and_limit``: ratio to torch fused and fraction of the limit,
+* ``step_time.compiled``: kernels, bytes per parameter and temporaries,
+* ``step_time.first_call``: the first call against the number of leaves,
+* ``step_time_steady``: ratio to torch fused with more kept steps per block,
+* ``after_switch``: step time by position in a block after a pause,
+* ``state_precision``: quality, state bytes and step time of each state dtype,
+* ``state_precision.open_loop``: the bias of the stored ``nu``, open loop,
+* ``checkpoint_cost``: step time with and without saving checkpoints.
 
 Every table is followed by a line naming the commit, machine and versions of
-the run it came from.
+the run it came from, as far as the stored results record them.
 
 Run::
 
@@ -50,9 +63,23 @@ def load(root: Path, name: str) -> dict[str, Any]:
   return json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text())
 
 
+PACKAGES = (("python", "Python"), ("jax", "jax"), ("jaxlib", "jaxlib"), ("optax", "optax"),
+            ("numpy", "numpy"), ("torch", "torch"), ("orbax-checkpoint", "orbax-checkpoint"))
+
+
 def provenance(report: dict[str, Any], runs: str) -> str:
+  """The line under a table: command, runs, commit, machine and versions.
+
+  Args:
+    report: a stored result with a ``meta`` holding ``command`` and,
+      where recorded, ``commit``, ``dirty``, ``machine`` and ``versions``.
+    runs: what the rows are medians of, in words.
+
+  Returns:
+    The line, in italics.
+  """
   meta = report["meta"]
-  machine, versions = meta["machine"], meta["versions"]
+  machine, versions = meta.get("machine") or {}, meta.get("versions") or {}
   commit = "unknown commit" if not meta.get("commit") else f"commit `{meta['commit'][:10]}`"
   if meta.get("dirty"):
     changed = meta.get("changed_paths") or []
@@ -66,16 +93,15 @@ def provenance(report: dict[str, Any], runs: str) -> str:
     load_text = f", load average {load_start[0]:.2f} at the start"
     if load_end:
       load_text += f" and {load_end[0]:.2f} at the end"
+  described = [machine.get("cpu") or machine.get("processor"),
+               f"{machine['cpu_count']} CPUs" if machine.get("cpu_count") else None,
+               machine.get("platform")]
+  machine_text = ", ".join(part for part in described if part) + load_text
   packages = ", ".join(
-      f"{name} {versions[key]}"
-      for key, name in (("python", "Python"), ("jax", "jax"), ("jaxlib", "jaxlib"),
-                        ("optax", "optax"), ("numpy", "numpy"))
-      if versions.get(key)
+      f"{name} {versions[key]}" for key, name in PACKAGES if versions.get(key)
   )
-  return (
-      f"*`{meta['command']}`, {runs}; {commit}; {machine.get('cpu') or machine['processor']}, "
-      f"{machine['cpu_count']} CPUs, {machine['platform']}{load_text}; {packages}.*"
-  )
+  parts = [f"`{meta['command'].strip()}`, {runs}", commit, machine_text, packages]
+  return "*" + "; ".join(part for part in parts if part) + ".*"
 
 
 def compile_first_call(root: Path) -> str:
@@ -141,10 +167,462 @@ def compile_both(root: Path) -> str:
   return compile_first_call(root) + "\n\n" + compile_step_time(root)
 
 
+MINUS = "\u2212"
+STEP_NAMES = {
+    "ours": "ours",
+    "ours.apply_step": "ours.apply_step",
+    "ours_flat": "ours_flat",
+    "ours_flat.apply_step": "ours_flat.apply_step",
+    "optax.amsgrad": "optax.amsgrad",
+    "optax.amsgrad_no_donation": "no donation",
+    "optax.adam": "optax.adam",
+    "torch_fused": "torch fused",
+    "torch_foreach": "torch foreach",
+}
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+  """Markdown lines of a table."""
+  return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+          *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def signed_percent(value: float, digits: int = 2) -> str:
+  """``value`` as a percentage with its sign, a true minus for negatives."""
+  text = f"{abs(value) * 100:.{digits}f}%"
+  return (MINUS if value < 0 else "+") + text
+
+
+def short_count(n: int) -> str:
+  """``1000000`` as ``1e6``, ``30000000`` as ``3e7``; other counts with commas."""
+  exponent = len(str(n)) - 1
+  if n > 0 and n % 10**exponent == 0 and exponent >= 3:
+    return f"{n // 10**exponent}e{exponent}"
+  return f"{n:,}"
+
+
+def step_time_meta(report: dict[str, Any]) -> dict[str, Any]:
+  """A ``step_time.json`` with its flat ``meta`` in the shape ``provenance`` reads."""
+  meta = report["meta"]
+  machine = {key: meta[key] for key in ("cpu", "load_average_start", "load_average_end")
+             if key in meta}
+  versions = {key: meta[key] for key, _ in PACKAGES if key in meta}
+  return {"meta": {"command": meta["command"], "commit": meta.get("commit"),
+                   "machine": machine, "versions": versions}}
+
+
+def step_time_runs(report: dict[str, Any]) -> str:
+  meta = report["meta"]
+  threads = f"jax on {meta['cpu_threads']} threads"
+  if meta.get("torch_threads"):
+    threads += f", torch on {meta['torch_threads']}"
+  return (f"medians of {meta['rounds']} interleaved rounds of {meta['steps_per_block']} "
+          f"kept steps, {threads}")
+
+
+def step_time_provenance(report: dict[str, Any]) -> str:
+  return provenance(step_time_meta(report), step_time_runs(report))
+
+
+def one_leaf_case(report: dict[str, Any], params: int) -> dict[str, Any]:
+  """The case of one leaf of ``params`` parameters."""
+  for case in report["cases"]:
+    if case["leaves"] == 1 and case["params"] == params:
+      return case
+  raise KeyError(f"no case of one leaf of {params} params")
+
+
+def case_label(case: dict[str, Any]) -> str:
+  if case["leaves"] == 1:
+    return f"{short_count(case['params'])}, one leaf"
+  return f"{case['leaves']} leaves x {case['leaf_size']:,}"
+
+
+def step_time_vs_torch_fused(root: Path) -> str:
+  report = load(root, "step_time")
+  columns = (("ours", "`update`"), ("ours.apply_step", "`apply_step`"),
+             ("ours_flat", "flat, `update`"), ("ours_flat.apply_step", "**flat, `apply_step`**"),
+             ("optax.amsgrad", "optax.amsgrad"),
+             ("optax.amsgrad_no_donation", "optax.amsgrad, no donation"),
+             ("torch_foreach", "torch foreach"))
+  rows = []
+  for case in report["cases"]:
+    cells = []
+    for name, _ in columns:
+      cell = f"{case['variants'][name]['ratio_vs_torch_fused']:.2f}"
+      cells.append(f"**{cell}**" if name == "ours_flat.apply_step" else cell)
+    rows.append([case_label(case), *cells])
+  lines = table(["params", *(title for _, title in columns)], rows)
+  return "\n".join(lines) + "\n\n" + step_time_provenance(report)
+
+
+def step_time_limit_first_call(root: Path) -> str:
+  report = load(root, "step_time")
+  columns = (("ours", "`update`"), ("ours.apply_step", "`apply_step`"),
+             ("ours_flat", "flat, `update`"), ("ours_flat.apply_step", "flat, `apply_step`"),
+             ("optax.amsgrad", "optax.amsgrad"), ("torch_fused", "torch fused"))
+  rows = []
+  for case in report["cases"]:
+    if case["leaves"] == 1 and case["params"] >= 10**7:
+      rows.append([f"fraction of the limit, {short_count(case['params'])}",
+                   *(f"{case['variants'][name]['fraction_of_limit']:.2f}"
+                     for name, _ in columns)])
+  most = max(row["leaves"] for row in report["compile"])
+  first = {row["variant"]: row["total_s"] for row in report["compile"] if row["leaves"] == most}
+  cells = []
+  for name, _ in columns:
+    if name not in first:
+      cells.append("\u2013")
+      continue
+    cell = f"{first[name]:.2f} s"
+    cells.append(f"**{cell}**" if name == "ours_flat.apply_step" else cell)
+  rows.append([f"first call, {most} leaves", *cells])
+  lines = table(["", *(title for _, title in columns)], rows)
+  case = one_leaf_case(report, 10**7)
+  variants = case["variants"]
+  names = (("ours.apply_step", "`apply_step`"), ("ours_flat.apply_step", "flat `apply_step`"),
+           ("torch_fused", "torch fused"), ("ours", "`update`"),
+           ("optax.amsgrad", "`optax.amsgrad`"))
+  timed = sorted(names, key=lambda item: variants[item[0]]["median_ms"])
+  medians = ", ".join(f"{title} {variants[name]['median_ms']:.2f} ms" for name, title in timed)
+  floor = variants["floor"]
+  sentence = (
+      f"Median step times at {short_count(case['params'])} parameters: {medians}, with a "
+      f"streaming floor of {floor['median_ms']:.2f} ms for `a + s*b` "
+      f"({case['bandwidth_GBps']:.1f} GB/s, so a limit of {case['limit_ms']:.2f} ms at "
+      f"{variants['ours']['min_bytes_per_param']} bytes per parameter)."
+  )
+  return "\n".join(lines) + "\n\n" + sentence + "\n\n" + step_time_provenance(report)
+
+
+def step_time_one_pass(root: Path) -> str:
+  report = load(root, "step_time")
+  case = one_leaf_case(report, 10**7)
+  rows = (
+      ("optax.amsgrad", "`optax.amsgrad`", "4 XLA passes", "52"),
+      ("ours", "`ours`: handler (reads g, m, v, v_max; writes m, v, v_max) + one XLA kernel "
+       "(update, learning rate and `apply_updates`: reads p, m, v_max; writes p)",
+       "1 + 1", "28 + 16 = 44"),
+      ("ours.apply_step", "`ours.apply_step`: handler with the params", "1", "36"),
+      ("ours_flat.apply_step", "`ours_flat.apply_step`: the same over a flat state", "1", "36"),
+      ("torch_fused", "torch fused", "1", "36"),
+  )
+  lines = table(
+      ["step", "kernels per leaf", "bytes/param",
+       f"{short_count(case['params'])} params (run below)"],
+      [[title, kernels, moved, f"{case['variants'][name]['median_ms']:.2f} ms"]
+       for name, title, kernels, moved in rows],
+  )
+  return "\n".join(lines) + "\n\n" + step_time_provenance(report)
+
+
+LATEST_RUN = ("ours", "ours.apply_step", "ours_flat", "ours_flat.apply_step", "optax.amsgrad")
+
+
+def step_time_vs_optax(root: Path) -> str:
+  report = load(root, "step_time")
+  columns = (*LATEST_RUN, "optax.amsgrad_no_donation", "optax.adam", "torch_fused",
+             "torch_foreach")
+  lines = table(
+      ["params", *(STEP_NAMES[name] for name in columns)],
+      [[case["name"], *(f"{case['variants'][name][f'ratio_vs_{REFERENCE}']:.2f}"
+                        for name in columns)]
+       for case in report["cases"]],
+  )
+  return "\n".join(lines) + "\n\n" + step_time_provenance(report)
+
+
+def step_time_vs_torch_and_limit(root: Path) -> str:
+  report = load(root, "step_time")
+  limit = (*LATEST_RUN, "torch_fused")
+  rows = []
+  for case in report["cases"]:
+    variants = case["variants"]
+    rows.append([
+        case["name"],
+        *(f"{variants[name]['ratio_vs_torch_fused']:.2f}" for name in LATEST_RUN),
+        " / ".join(f"{variants[name]['fraction_of_limit']:.2f}" for name in limit),
+    ])
+  lines = table(
+      ["params", *LATEST_RUN, "fraction of the limit: ours / apply_step / flat / flat "
+       "apply_step / optax / torch fused"], rows)
+  return "\n".join(lines) + "\n\n" + step_time_provenance(report)
+
+
+def step_time_compiled(root: Path) -> str:
+  report = load(root, "step_time")
+  one = next(case for case in report["cases"] if case["leaves"] == 1)
+  many = max(report["cases"], key=lambda case: case["leaves"])
+
+  def figures(case: dict[str, Any], name: str) -> str:
+    entry = case["variants"][name]
+    return (f"{entry['fusions']:,} / {entry['bytes_accessed_per_param']:.1f} / "
+            f"{entry['temp_fraction_of_state'] * 100:.2f}%")
+
+  names = ("ours", "ours.apply_step", "ours_flat.apply_step", "optax.amsgrad")
+  lines = ["Kernels / XLA's bytes per parameter (a handler call counts 0) / temporaries:"]
+  for index, name in enumerate(names):
+    if index == 0:
+      text = (f"`{name}` {figures(one, name)} at one leaf, {figures(many, name)} at "
+              f"{many['leaves']} leaves")
+    else:
+      text = f"`{name}` {figures(one, name)} and {figures(many, name)}"
+    lines.append(text + (";" if index < len(names) - 1 else "."))
+  return "\n".join(lines) + "\n\n" + step_time_provenance(report)
+
+
+def step_time_first_call(root: Path) -> str:
+  report = load(root, "step_time")
+  sizes = {row["leaf_size"] for row in report["compile"]}
+  times = {(row["leaves"], row["variant"]): row["total_s"] for row in report["compile"]}
+  leaves = sorted({row["leaves"] for row in report["compile"]})
+  lines = [
+      "First call (trace + lower + compile), leaves of "
+      + " or ".join(f"{size:,}" for size in sorted(sizes)) + " parameters:",
+      "",
+      *table(["leaves", *LATEST_RUN],
+             [[str(count), *(f"{times[count, name]:.2f} s" if (count, name) in times else "-"
+                             for name in LATEST_RUN)]
+              for count in leaves]),
+  ]
+  return "\n".join(lines) + "\n\n" + step_time_provenance(report)
+
+
+def step_time_steady(root: Path) -> str:
+  report = load(root, "step_time_steady")
+  columns = (*LATEST_RUN, "optax.adam", "torch_foreach")
+  lines = table(
+      ["params", *(STEP_NAMES[name] for name in columns), "torch fused"],
+      [[case["name"], *(f"{case['variants'][name]['ratio_vs_torch_fused']:.2f}"
+                        for name in columns),
+        f"{case['variants']['torch_fused']['median_ms']:.2f} ms"]
+       for case in report["cases"]],
+  )
+  return "\n".join(lines) + "\n\n" + step_time_provenance(report)
+
+
+AFTER_SWITCH_NAMES = {"apply_step": "apply_step", "torch_fused": "torch fused"}
+
+
+def after_switch(root: Path) -> str:
+  report = load(root, "after_switch")
+  block = report["block"]
+  positions = [position for position in (0, 1, 2, 3, 4, 5, 6, 8, block - 1)
+               if position < block]
+  positions = sorted(set(positions))
+  rows = []
+  for run in report["runs"]:
+    pause = f"{run['pause_ms']:g} ms" + (" (busy)" if run.get("busy") else "")
+    for name, per_step in run["median_ms_by_step"].items():
+      rows.append([pause, AFTER_SWITCH_NAMES.get(name, name),
+                   *(f"{per_step[position]:.2f}" for position in positions),
+                   f"{run['cpu_ms_during_pause_after'][name]:.2f} ms"])
+  lines = table(["sleep", "variant", *map(str, positions), "CPU in sleep"], rows)
+  meta = {"command": report["command"],
+          "versions": {key: report[key] for key in ("jax", "torch") if key in report}}
+  runs = (f"{report['params']:,} float32 params, blocks of {block} steps, medians of "
+          f"{report['rounds']} blocks")
+  return "\n".join(lines) + "\n\n" + provenance({"meta": meta}, runs)
+
+
+PROBLEM_NAMES = {
+    "least_squares": "least squares",
+    "least_squares_minibatch": "least squares, minibatch",
+    "noisy_mlp": "noisy MLP",
+    "two_layer": "two-layer net",
+    "digits": "digits MLP",
+}
+CONTROL = "float32_jitter"
+CONTROL_LABEL = "float32, params perturbed (sensitivity control)"
+
+
+def state_precision_meta(report: dict[str, Any]) -> dict[str, Any]:
+  """``state_precision.json`` in the shape ``provenance`` reads."""
+  meta = dict(report.get("meta") or {})
+  machine = dict(meta.get("machine") or report.get("machine") or {})
+  versions = dict(meta.get("versions") or {})
+  if "jax" in machine:
+    versions.setdefault("jax", machine.pop("jax"))
+  meta.update(command=meta.get("command") or report["command"], machine=machine,
+              versions=versions)
+  return {"meta": meta}
+
+
+def variant_label(report: dict[str, Any], name: str, default: str) -> str:
+  """A variant's description from the results, where they record one."""
+  for source in ((report.get("meta") or {}).get("variants"), report.get("variants")):
+    entry = (source or {}).get(name)
+    if isinstance(entry, str) and entry:
+      return entry
+    if isinstance(entry, dict):
+      for key in ("label", "description"):
+        if entry.get(key):
+          return str(entry[key])
+  return default
+
+
+def problems(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """The quality results by problem."""
+  return report.get("quality") or report["results"]
+
+
+def control_moved(report: dict[str, Any]) -> dict[str, float]:
+  """The params' largest relative change under the control, by problem, where recorded."""
+  moved = {}
+  for source in (report.get("results") or {}, report.get("quality") or {}):
+    for name, entry in source.items():
+      if isinstance(entry, dict) and isinstance(entry.get("control_moved"), (int, float)):
+        moved.setdefault(name, float(entry["control_moved"]))
+  return moved
+
+
+def state_precision(root: Path) -> str:
+  report = load(root, "state_precision")
+  results = problems(report)
+  names = list(results)
+  state_bytes = report["state_bytes_per_param"]
+  step_time = report.get("step_time") or {}
+
+  def times(variant: str) -> str:
+    if variant not in step_time:
+      return "\u2013"
+    cells = []
+    for call in ("", ".apply_step"):
+      entry = step_time.get(variant + call)
+      if entry is None:
+        cells.append("\u2013")
+        continue
+      cell = f"{entry['median_ms']:.2f} ms"
+      if variant != "float32":
+        cell += f" ({entry['ratio_to_float32']:.2f}x)"
+      cells.append(cell)
+    return " / ".join(cells)
+
+  def quality(variant: str, signed: bool, bold: bool) -> list[str]:
+    cells = []
+    for name in names:
+      summary = results[name]["summary"][variant]
+      cell = f"{summary['max_abs_relative_change'] * 100:.2f}%"
+      if bold:
+        cell = f"**{cell}**"
+      if signed:
+        cell += f" ({signed_percent(summary['mean_relative_change'])})"
+      cells.append(cell)
+    return cells
+
+  rows = [["float32", f"{state_bytes['float32']:g}", times("float32"),
+           "0 (reference)", *["0"] * (len(names) - 1)]]
+  kinds = (
+      ("bf16_cast", 'bfloat16, plain cast (`"nearest"`)', True, False),
+      ("bf16_stochastic", "**bfloat16, stochastic rounding (default)**", True, True),
+      ("bf16_weyl", "*prototype:* bfloat16, golden-ratio rounding across steps", False, False),
+      ("bf16_kahan", "*prototype:* compensated bfloat16 pair per moment", False, False),
+  )
+  for variant, label, signed, bold in kinds:
+    if variant not in state_bytes and variant not in results[names[0]]["summary"]:
+      continue
+    size = f"{state_bytes[variant]:g}"
+    cells = [label, f"**{size}**" if bold else size, times(variant)]
+    if bold and variant in step_time:
+      cells[2] = f"**{cells[2]}**"
+    rows.append(cells + quality(variant, signed, bold))
+  if CONTROL in results[names[0]]["summary"]:
+    rows.append([variant_label(report, CONTROL, CONTROL_LABEL), f"{state_bytes['float32']:g}",
+                 "\u2013", *quality(CONTROL, False, False)])
+  header = ["state", "bytes / param",
+            f"step time, {short_count(step_time['size'])} params (CPU): "
+            "`update` / `apply_step`" if "size" in step_time else "step time",
+            *(PROBLEM_NAMES.get(name, name) for name in names)]
+  lines = table(header, rows)
+  moved = control_moved(report)
+  if moved:
+    lines += ["", "Sensitivity control: " + ", ".join(
+        f"moved params by {moved[name]:.1e} ({PROBLEM_NAMES.get(name, name)})"
+        for name in names if name in moved) + "."]
+  seeds = sorted({len(results[name]["runs"]) for name in names})
+  runs = f"{' or '.join(map(str, seeds))} seeds per problem"
+  if "size" in step_time:
+    runs += (f"; step time: one leaf of {step_time['size']:,} float32 params, medians of "
+             f"{step_time['repeats']} interleaved runs")
+  return "\n".join(lines) + "\n\n" + provenance(state_precision_meta(report), runs)
+
+
+OPEN_LOOP = {"gaussian": "Gaussian", "period_3": "repeating with period 3",
+             "constant": "constant"}
+OPEN_LOOP_VARIANTS = (("bf16_cast", "plain cast"), ("bf16_stochastic", "stochastic rounding"),
+                      ("bf16_weyl", "golden-ratio across steps"))
+
+
+def bias_percent(value: float) -> str:
+  """A relative error as a signed percentage, with fewer digits as it grows."""
+  size = abs(value) * 100
+  digits = 0 if size >= 9.95 else 1 if size >= 0.995 else 2
+  return signed_percent(value, digits)
+
+
+def state_precision_open_loop(root: Path) -> str:
+  report = load(root, "state_precision")
+  bias = report["rounding_bias"]
+  kinds = [name for name in bias if isinstance(bias[name], dict)]
+  rows = [[OPEN_LOOP.get(kind, kind),
+           *(bias_percent(bias[kind][variant]["nu_mean_relative_error"])
+             for variant, _ in OPEN_LOOP_VARIANTS)]
+          for kind in kinds]
+  lines = table(["gradients", *(title for _, title in OPEN_LOOP_VARIANTS)], rows)
+  stochastic = [(OPEN_LOOP.get(kind, kind), bias[kind]["bf16_stochastic"]) for kind in kinds]
+  lines += [
+      "",
+      "Stochastic rounding, rms relative error of the stored `nu`: " + ", ".join(
+          f"{entry['nu_rms_relative_error'] * 100:.1f}% ({kind})" for kind, entry in stochastic)
+      + "; mean relative error of the stored `nu_max`: " + ", ".join(
+          f"{bias_percent(entry['nu_max_mean_relative_error'])} ({kind})"
+          for kind, entry in stochastic) + ".",
+  ]
+  runs = f"{bias['size']:,} coordinates, {bias['steps']} steps"
+  return "\n".join(lines) + "\n\n" + provenance(state_precision_meta(report), runs)
+
+
+CHECKPOINT_NAMES = {"no_save": "none", "sync": "synchronous", "async": "asynchronous"}
+
+
+def checkpoint_cost(root: Path) -> str:
+  report = load(root, "checkpoint_cost")
+  rows = []
+  for name, entry in report["variants"].items():
+    saves = "cost_per_save_ms" in entry
+    rows.append([
+        CHECKPOINT_NAMES.get(name, name), f"{entry['mean_step_ms']:.1f} ms",
+        f"{entry['ratio_vs_no_save']:.2f}",
+        f"{entry['cost_per_save_ms']:.0f} ms" if saves else "",
+        f"{entry['median_saving_step_ms']:.0f} ms" if saves else "",
+    ])
+  lines = table(["saving", "mean step", "vs no saving", "per save", "the step that saves"],
+                rows)
+  config = report["config"]
+  widths = "-".join(str(width) for width in config["widths"])
+  runs = (f"a {widths} MLP, {config['params']:,} float32 params, batch {config['batch']}, "
+          f"saving {config['saved_bytes'] / 1e6:.1f} MB of params and state every "
+          f"{config['interval']} steps, "
+          f"{max(entry['steps'] for entry in report['variants'].values())} steps per variant")
+  return "\n".join(lines) + "\n\n" + provenance(report, runs)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "compile_time": compile_both,
     "compile_time.first_call": compile_first_call,
     "compile_time.step_time": compile_step_time,
+    "step_time.vs_torch_fused": step_time_vs_torch_fused,
+    "step_time.limit_first_call": step_time_limit_first_call,
+    "step_time.one_pass": step_time_one_pass,
+    "step_time.vs_optax": step_time_vs_optax,
+    "step_time.vs_torch_and_limit": step_time_vs_torch_and_limit,
+    "step_time.compiled": step_time_compiled,
+    "step_time.first_call": step_time_first_call,
+    "step_time_steady": step_time_steady,
+    "after_switch": after_switch,
+    "state_precision": state_precision,
+    "state_precision.open_loop": state_precision_open_loop,
+    "checkpoint_cost": checkpoint_cost,
 }
 
 

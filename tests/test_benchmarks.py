@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,25 +187,79 @@ def test_render_check_passes_on_the_committed_files():
   assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_render_check_names_a_block_edited_by_hand(tmp_path):
-  for relative in ("README.md", "benchmarks/README.md", "benchmarks/results/compile_time.json"):
-    (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-    (tmp_path / relative).write_text((ROOT / relative).read_text())
+def copy_rendered_files(root: Path) -> None:
+  """The READMEs and the stored results, copied under ``root``."""
+  results = [path.relative_to(ROOT).as_posix()
+             for path in (ROOT / "benchmarks" / "results").glob("*.json")]
+  for relative in ("README.md", "benchmarks/README.md", *results):
+    (root / relative).parent.mkdir(parents=True, exist_ok=True)
+    (root / relative).write_text((ROOT / relative).read_text())
+
+
+def edit_block(path: Path, name: str, old: str, new: str) -> str:
+  """Replaces ``old`` by ``new`` inside block ``name`` of ``path``; the text before."""
+  text = path.read_text()
+  start = text.index(f"<!-- render:{name} -->")
+  end = text.index(f"<!-- /render:{name} -->")
+  assert old in text[start:end], name
+  path.write_text(text[:start] + text[start:end].replace(old, new, 1) + text[end:])
+  return text
+
+
+@pytest.mark.parametrize(("relative", "name", "old", "new"), [
+    # optax.amsgrad's ratio to itself is always 1.00.
+    ("benchmarks/README.md", "compile_time.step_time", "| 1.00 |", "| 0.90 |"),
+    ("benchmarks/README.md", "step_time.vs_optax", "| 1.00 |", "| 0.90 |"),
+    ("benchmarks/README.md", "after_switch", "| 3 ms |", "| 4 ms |"),
+    ("README.md", "state_precision", "| float32 | 12 |", "| float32 | 16 |"),
+    ("README.md", "checkpoint_cost", "| none |", "| off |"),
+])
+def test_render_check_names_a_block_edited_by_hand(tmp_path, relative, name, old, new):
+  copy_rendered_files(tmp_path)
   assert run_render("--check", "--root", str(tmp_path)).returncode == 0
 
-  readme = tmp_path / "benchmarks" / "README.md"
-  text = readme.read_text()
-  start = text.index("<!-- render:compile_time.step_time -->")
-  end = text.index("<!-- /render:compile_time.step_time -->")
-  # optax.amsgrad's ratio to itself is always 1.00.
-  assert "| 1.00 |" in text[start:end]
-  readme.write_text(text[:start] + text[start:end].replace("| 1.00 |", "| 0.90 |") + text[end:])
+  readme = tmp_path / relative
+  text = edit_block(readme, name, old, new)
   result = run_render("--check", "--root", str(tmp_path))
   assert result.returncode == 1
-  assert "benchmarks/README.md: block compile_time.step_time differs" in result.stderr
-  assert "compile_time.first_call" not in result.stderr
+  assert f"{relative}: block {name} differs" in result.stderr
+  assert set(re.findall(r"block (\S+) differs", result.stderr)) == {name}
 
   # Rendering restores the block and leaves the rest of the file alone.
   assert run_render("--root", str(tmp_path)).returncode == 0
   assert readme.read_text() == text
+  assert run_render("--check", "--root", str(tmp_path)).returncode == 0
+
+
+def test_render_check_fails_when_the_stored_results_change(tmp_path):
+  copy_rendered_files(tmp_path)
+  path = tmp_path / "benchmarks" / "results" / "checkpoint_cost.json"
+  report = json.loads(path.read_text())
+  report["variants"]["sync"]["mean_step_ms"] += 1.0
+  path.write_text(json.dumps(report))
+  result = run_render("--check", "--root", str(tmp_path))
+  assert result.returncode == 1
+  assert "README.md: block checkpoint_cost differs" in result.stderr
+
+
+def test_state_precision_control_row_reads_its_label_and_movement_from_the_results(tmp_path):
+  copy_rendered_files(tmp_path)
+  readme = tmp_path / "README.md"
+  text = readme.read_text()
+  assert "float32, params perturbed (sensitivity control)" in text
+  assert "moved params by" not in text
+
+  path = tmp_path / "benchmarks" / "results" / "state_precision.json"
+  report = json.loads(path.read_text())
+  report.setdefault("meta", {})["variants"] = {
+      "float32_jitter": {"description": "float32, params scaled by 1 + 1e-6"}}
+  for index, entry in enumerate(report["quality"].values()):
+    entry["control_moved"] = 3.1e-4 * (index + 1)
+  path.write_text(json.dumps(report))
+  assert run_render("--check", "--root", str(tmp_path)).returncode == 1
+  assert run_render("--root", str(tmp_path)).returncode == 0
+  rendered = readme.read_text()
+  assert "| float32, params scaled by 1 + 1e-6 | 12 |" in rendered
+  assert "moved params by 3.1e-04 (least squares)" in rendered
+  assert "moved params by 6.2e-04 (least squares, minibatch)" in rendered
   assert run_render("--check", "--root", str(tmp_path)).returncode == 0

@@ -15,7 +15,10 @@ step budget with
 
 and, as a yardstick of how much the final loss moves under any tiny change of
 the trajectory, ``float32_jitter``: float32 state started from the initial
-params perturbed by one float32 ulp.
+params perturbed by a relative ``JITTER`` (zeros by ``JITTER`` itself), up or
+down at random. The run records how far that moved the final params
+(``control_moved``: the largest change relative to the largest final param),
+so the control is seen to move the trajectory.
 
 Then it times one jitted, donated step of a single 1e7-parameter float32 leaf
 with float32 and bfloat16 state on the default device (CPU), taken by
@@ -234,8 +237,8 @@ def _weyl_encode(x, count, buffer, leaf_index):
   # Per-element random phase (the library's hash with the step left out),
   # advanced by 2**32 / golden ratio each step: a randomly shifted Weyl
   # sequence of thresholds instead of independent ones.
-  phase = _rounding.random_bits(x.shape, seed=0, count=0, buffer=buffer,
-                                leaf_index=leaf_index)
+  key = _rounding.stream_key(0, 0, buffer, leaf_index)
+  phase = _rounding.random_bits(x.shape, key=key, buffer=buffer)
   bits = phase + count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
   return (_rounding._round_float32_to_bfloat16(x, bits >> 16),)
 
@@ -302,21 +305,37 @@ VARIANTS: dict[str, Callable[[float, int], optax.GradientTransformation]] = {
 }
 
 
+# The control's perturbation: far below any effect of the state's precision
+# (bfloat16 keeps 8 bits, 4e-3 relative), far above float32's resolution, and
+# for params that start at zero (biases), a move that is not a subnormal.
+JITTER = 1e-6
+
+
 def _jitter(params: Any, seed: int) -> Any:
-  """Moves every parameter by one float32 ulp, up or down at random."""
+  """Moves every parameter by ``JITTER`` relative (zeros by ``JITTER``), up
+  or down at random."""
   leaves, treedef = jax.tree.flatten(params)
   rng = np.random.default_rng(10_000 + seed)
   moved = []
   for leaf in leaves:
-    up = rng.random(leaf.shape) < 0.5
-    direction = jnp.where(up, jnp.inf, -jnp.inf).astype(leaf.dtype)
-    moved.append(jnp.nextafter(leaf, direction))
+    sign = np.where(rng.random(leaf.shape) < 0.5, 1.0, -1.0)
+    base = np.where(np.asarray(leaf) == 0, 1.0, np.abs(np.asarray(leaf, np.float64)))
+    moved.append(jnp.asarray(np.asarray(leaf, np.float64) + sign * JITTER * base, leaf.dtype))
   return treedef.unflatten(moved)
 
 
+def _largest_change(after: Any, reference: Any) -> float:
+  """max |after - reference| over max |reference|, over all leaves."""
+  change = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(after), jax.tree.leaves(reference), strict=True))
+  scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(reference))
+  return change / scale
+
+
 def train(problem: Problem, optimizer: optax.GradientTransformation,
-          params: Any) -> tuple[float, np.ndarray]:
-  """Final loss and the minibatch loss curve, all steps in one lax.scan."""
+          params: Any) -> tuple[float, np.ndarray, Any]:
+  """Final loss, the minibatch loss curve and the final params, all steps in
+  one lax.scan."""
 
   @jax.jit
   def run(params):
@@ -328,10 +347,10 @@ def train(problem: Problem, optimizer: optax.GradientTransformation,
 
     carry = (params, optimizer.init(params))
     (params, _), curve = jax.lax.scan(step, carry, jnp.arange(problem.steps))
-    return problem.final_loss(params), curve
+    return problem.final_loss(params), curve, params
 
-  final, curve = run(params)
-  return float(final), np.asarray(curve)
+  final, curve, params = run(params)
+  return float(final), np.asarray(curve), params
 
 
 def state_bytes_per_param(optimizer: optax.GradientTransformation,
@@ -354,8 +373,12 @@ def quality(seeds: list[int], steps_scale: float) -> dict[str, Any]:
         params = problem.params
         if variant == "float32_jitter":
           params = _jitter(params, seed)
-        final, curve = train(problem, make(problem.learning_rate, seed), params)
+        final, curve, trained = train(problem, make(problem.learning_rate, seed), params)
         run[variant] = final
+        if variant == "float32":
+          reference_params = trained
+        if variant == "float32_jitter":
+          run["control_moved"] = _largest_change(trained, reference_params)
         if variant == "float32":
           run["initial_loss"] = float(curve[0])
           # Still converging: the loss over the last tenth of the budget,
@@ -385,6 +408,8 @@ def quality(seeds: list[int], steps_scale: float) -> dict[str, Any]:
         "steps": max(1, int(problem.steps * steps_scale)),
         "runs": runs,
         "summary": summary,
+        # The control moved every run's final params at least this much.
+        "control_moved": min(run["control_moved"] for run in runs),
     }
   return results
 

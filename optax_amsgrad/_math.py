@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from optax_amsgrad import _rounding
 
@@ -49,13 +50,12 @@ class Step(NamedTuple):
 
 
 class Rounding(NamedTuple):
-  """How one leaf's moments are stored: the ``state_rounding`` mode, the
-  seed and step of the random bits, and the leaf's position in the tree."""
+  """How one leaf's moments are stored: the ``state_rounding`` mode and the
+  leaf's stream keys for this step (``_rounding.stream_keys``; None when no
+  moment is rounded stochastically)."""
 
   stochastic: bool
-  seed: jax.Array
-  step_count: jax.Array
-  leaf_index: int | jax.Array
+  keys: _rounding.StreamKeys | None
 
 
 def _complement(x: jax.typing.ArrayLike, dtype: jnp.dtype) -> jax.Array:
@@ -154,7 +154,11 @@ def saturate(g: jax.Array, real_dtype: jnp.dtype) -> jax.Array:
   """
   limit = float(np.sqrt(np.finfo(real_dtype).max)) / 2
   if not jnp.iscomplexobj(g):
-    return jnp.where(jnp.isinf(g), g, jnp.clip(g, -limit, limit))
+    # lax rather than jnp.where/clip/isinf: their nested jitted functions
+    # cost XLA time on every leaf of a large model.
+    bound = np.asarray(limit, g.dtype)
+    clipped = lax.clamp(-bound, g, bound)
+    return lax.select(lax.abs(g) == np.asarray(np.inf, g.dtype), g, clipped)
   magnitude = jnp.abs(g)
   large = (magnitude > limit) & ~jnp.isinf(magnitude)
   # The inner where keeps limit / magnitude finite (and its derivative) where
@@ -241,11 +245,8 @@ def xla_stored(
     )
 
   def store(x: jax.Array, like: jax.Array, buffer: str) -> jax.Array:
-    return _rounding.store(
-        x, like.dtype, stochastic=rounding.stochastic, seed=rounding.seed,
-        count=rounding.step_count, buffer=buffer, leaf_index=rounding.leaf_index,
-        index=index,
-    )
+    return _rounding.store(x, like.dtype, stochastic=rounding.stochastic,
+                           keys=rounding.keys, buffer=buffer, index=index)
 
   # nu_max is rounded to nearest (never to zero), which is monotone: the
   # stored value is the rounded true maximum (of v and of the stored nu, so

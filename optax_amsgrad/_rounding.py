@@ -49,10 +49,12 @@ in the input are stored as they are.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # Odd multipliers 2**32 * frac(r) for quadratic irrationals r (bounded
@@ -112,27 +114,83 @@ def stream_key(
   return mix32(key ^ stream_code)
 
 
+class StreamKeys(NamedTuple):
+  """One leaf's stream keys (:func:`stream_key`), one per buffer and part."""
+
+  mu: jax.Array
+  nu: jax.Array
+  mu_imag: jax.Array
+  nu_imag: jax.Array
+
+  def of(self, buffer: str, part: str = "real") -> jax.Array:
+    return getattr(self, buffer if part == "real" else f"{buffer}_imag")
+
+
+def stream_keys(
+    seed: jax.typing.ArrayLike, count: jax.typing.ArrayLike, leaf_index: int | jax.Array
+) -> StreamKeys:
+  """The :class:`StreamKeys` of the leaf at ``leaf_index``."""
+  return StreamKeys(*(stream_key(seed, count, buffer, leaf_index, part)
+                      for part in ("real", "imag") for buffer in ("mu", "nu")))
+
+
+def tree_stream_keys(
+    seed: jax.typing.ArrayLike, count: jax.Array, leaf_indices: Sequence[int],
+    *, complex_parts: bool,
+) -> list[StreamKeys]:
+  """The :class:`StreamKeys` of the leaves at ``leaf_indices``, each key a
+  separate array computed at run time (the imaginary parts' keys only with
+  ``complex_parts``; zeros otherwise).
+
+  Every key is a scalar operand of the leaf's fusion, never a constant folded
+  into it: XLA compiles fusions that differ only in a constant separately,
+  and identical ones once, so the many same-shaped leaves of a model cost
+  one compiled kernel, as they do in ``optax.amsgrad``. The keys of all
+  leaves are hashed at once and handed out by one variadic ``reduce`` (an
+  ``or`` with zero): XLA fuses a slice into its consumer, with its constant
+  position, but not a reduce, and cannot fold this one away.
+  """
+  positions = jnp.asarray(np.asarray(leaf_indices, np.uint32))
+  streams = [("mu", "real"), ("nu", "real")]
+  if complex_parts:
+    streams += [("mu", "imag"), ("nu", "imag")]
+  by_stream = {}
+  for buffer, part in streams:
+    keys = stream_key(seed, count, buffer, positions, part)
+    pairs = jnp.stack([keys, jnp.zeros_like(keys)], axis=1)
+    by_stream[buffer, part] = lax.reduce(
+        tuple(pairs[i] for i in range(len(leaf_indices))),
+        tuple(jnp.uint32(0) for _ in leaf_indices),
+        lambda xs, ys: tuple(x | y for x, y in zip(xs, ys, strict=True)),
+        (0,),
+    )
+  zero = jnp.zeros([], jnp.uint32)
+  return [
+      StreamKeys(*(by_stream[buffer, part][i] if (buffer, part) in by_stream else zero
+                   for part in ("real", "imag") for buffer in ("mu", "nu")))
+      for i in range(len(leaf_indices))
+  ]
+
+
 def random_bits(
     shape: tuple[int, ...],
     *,
-    seed: jax.typing.ArrayLike,
-    count: jax.typing.ArrayLike,
+    key: jax.Array,
     buffer: str,
-    leaf_index: int | jax.Array,
     part: str = "real",
     index: jax.Array | None = None,
 ) -> jax.Array:
-  """Uniform uint32 bits, distinct per element, step, buffer, leaf and seed.
+  """Uniform uint32 bits, distinct per element, from the stream ``key``
+  (:func:`stream_key` of seed, step, buffer, leaf and part).
 
   Within one array the bits of distinct elements are distinct (the map from
   the flat index to the bits is a bijection for arrays of up to ``2**32``
-  elements), and for one element they are a bijection of the per-array key.
-  The high bits are the well-mixed ones. The index is the flat row-major
-  position in the global array, so sharded arrays get the same bits as
-  unsharded ones. A shard computed on its own (inside ``shard_map`` or a
-  custom partitioning) passes its elements' global positions as ``index``.
+  elements), and for one element they are a bijection of the key. The high
+  bits are the well-mixed ones. The index is the flat row-major position in
+  the global array, so sharded arrays get the same bits as unsharded ones. A
+  shard computed on its own (inside ``shard_map`` or a custom partitioning)
+  passes its elements' global positions as ``index``.
   """
-  key = stream_key(seed, count, buffer, leaf_index, part)
   if index is None:
     index = lax.iota(jnp.uint32, _size(shape)).reshape(shape)
   bits: jax.Array = (index ^ key) * jnp.uint32(_MULTIPLIERS[buffer, part])
@@ -169,23 +227,33 @@ def _round_float32_to_bfloat16(
   flush-to-zero of float arithmetic cannot touch subnormals.
   """
   raw = lax.bitcast_convert_type(x, jnp.uint32)
-  magnitude = raw & jnp.uint32(_F32_ABS_MASK)
+  magnitude = raw & _u32(_F32_ABS_MASK)
   # Finite values above the largest bfloat16 saturate instead of carrying
   # into the infinity pattern.
-  clamped = jnp.minimum(magnitude, jnp.uint32(_BF16_MAX_BITS))
+  clamped = lax.min(magnitude, _u32(_BF16_MAX_BITS, magnitude))
   if increment is None:
-    increment = jnp.uint32(0x7FFF) + ((clamped >> 16) & jnp.uint32(1))
-  rounded = (clamped + increment) & jnp.uint32(0xFFFF0000)
+    increment = (clamped >> _u32(16)) & _u32(1)
+    increment = increment + _u32(0x7FFF)
+  rounded = (clamped + increment) & _u32(0xFFFF0000)
   if keep_nonzero:
-    smallest = jnp.uint32(0x10000)
-    rounded = jnp.where(magnitude > 0, jnp.maximum(rounded, smallest), rounded)
-  exact = lax.bitcast_convert_type(rounded | (raw & jnp.uint32(_F32_SIGN_MASK)),
-                                   jnp.float32)
+    # The smallest bfloat16 where the magnitude is nonzero: larger ones
+    # round to at least that already.
+    rounded = lax.max(rounded, lax.min(magnitude, _u32(1, magnitude)) << _u32(16))
+  exact = lax.bitcast_convert_type(rounded | (raw & _u32(_F32_SIGN_MASK)), jnp.float32)
   # The final cast is exact. Infinities and NaNs go through it unchanged. A
   # real conversion rather than a bitcast of the high half also keeps XLA:CPU
   # from recomputing the rounding in every consumer of the stored value.
-  finite = magnitude < jnp.uint32(_F32_INF_BITS)
-  return jnp.where(finite, exact, x).astype(jnp.bfloat16)
+  finite = magnitude < _u32(_F32_INF_BITS, magnitude)
+  return lax.select(finite, exact, x).astype(jnp.bfloat16)
+
+
+def _u32(value: int, like: jax.Array | None = None) -> Any:
+  """A uint32 constant: a NumPy scalar, or broadcast to ``like``'s shape where
+  a lax operation needs equal shapes. Constants from NumPy are literals of
+  the traced program; ``jnp.uint32`` would make a device array each call."""
+  if like is None:
+    return np.uint32(value)
+  return lax.full_like(like, value, jnp.uint32)
 
 
 def _round_generic(
@@ -250,10 +318,8 @@ def store(
     storage_dtype: jax.typing.DTypeLike,
     *,
     stochastic: bool,
-    seed: jax.typing.ArrayLike,
-    count: jax.typing.ArrayLike,
+    keys: StreamKeys | None,
     buffer: str,
-    leaf_index: int | jax.Array,
     index: jax.Array | None = None,
 ) -> jax.Array:
   """Casts a moment ``x`` to ``storage_dtype``, stochastically when narrowing.
@@ -263,12 +329,10 @@ def store(
     storage_dtype: the dtype the state keeps.
     stochastic: round stochastically when ``storage_dtype`` is narrower;
       otherwise (or when it is not narrower) this is a plain cast.
-    seed: seed of the random bits.
-    count: the step number (after the increment), so that every step draws
-      fresh bits.
+    keys: the leaf's stream keys for this step (:func:`stream_keys` of the
+      seed, the step number after the increment, and the leaf's position in
+      the flattened tree), so that every step draws fresh bits.
     buffer: ``"mu"`` or ``"nu"``; the two buffers get independent bits.
-    leaf_index: position of the leaf in the flattened tree (an int, or a
-      uint32 scalar array).
     index: the flat row-major position of each element of ``x`` in the whole
       leaf (uint32, shaped like ``x``); by default its position in ``x``.
 
@@ -283,8 +347,8 @@ def store(
     >>> import jax.numpy as jnp
     >>> from optax_amsgrad import _rounding
     >>> x = jnp.full((10000,), 1.001, jnp.float32)  # 1 < x < 1 + 2**-7
-    >>> y = _rounding.store(x, jnp.bfloat16, stochastic=True, seed=0, count=1,
-    ...                     buffer="nu", leaf_index=0)
+    >>> keys = _rounding.stream_keys(seed=0, count=1, leaf_index=0)
+    >>> y = _rounding.store(x, jnp.bfloat16, stochastic=True, keys=keys, buffer="nu")
     >>> sorted(set(y.astype(float).tolist()))
     [1.0, 1.0078125]
     >>> bool(abs(y.astype(jnp.float32).mean() - 1.001) < 2e-4)
@@ -293,18 +357,13 @@ def store(
   storage_dtype = jnp.dtype(storage_dtype)
   if not (stochastic and is_narrowing(x.dtype, storage_dtype)):
     return x.astype(storage_dtype)
+  if keys is None:
+    raise ValueError(f"stochastic rounding of {buffer} to {storage_dtype} needs stream keys")
   real_storage = _finfo(storage_dtype).dtype
   parts = []
   for part, value in _real_parts(x):
-    bits = random_bits(
-        x.shape,
-        seed=seed,
-        count=count,
-        buffer=buffer,
-        leaf_index=leaf_index,
-        part=part,
-        index=index,
-    )
+    bits = random_bits(x.shape, key=keys.of(buffer, part), buffer=buffer, part=part,
+                       index=index)
     if value.dtype == jnp.float32 and real_storage == jnp.bfloat16:
       parts.append(_round_float32_to_bfloat16(value, bits >> 16))
     else:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_amsgrad import _math, _placement, _validation, cpu
+from optax_amsgrad import _math, _placement, _rounding, _validation, cpu
 
 Convention = Literal["pytorch", "keras", "optax", "paper"]
 StateRounding = Literal["stochastic", "nearest"]
@@ -270,11 +270,24 @@ def scale_by_amsgrad(
         zip(g_leaves, p_leaves, m_leaves, v_leaves, v_max_leaves, decays, strict=True)
     ]
 
+    keys: dict[int, _rounding.StreamKeys] = {}
+
+    def stream_keys(i: int) -> _rounding.StreamKeys:
+      """Leaf ``i``'s stream keys, those of every leaf made at the first call."""
+      if not keys:
+        keys.update(zip(range(len(leaves)), _rounding.tree_stream_keys(
+            seed_bits, count, range(len(leaves)),
+            complex_parts=any(jnp.iscomplexobj(leaf.g) for leaf in leaves),
+        ), strict=True))
+      return keys[i]
+
     def xla_leaf(i: int) -> tuple[jax.Array, ...]:
       """(new params or updates, m, v, v_max) of leaf ``i``, by XLA."""
       g, p, m, v, v_max, decay = leaves[i]
       moment_coefficients, direction = parts(g.dtype)
-      rounding = _math.Rounding(stochastic, seed_bits, count, i)
+      narrowing = stochastic and any(
+          _rounding.is_narrowing(_math.compute_dtypes(g.dtype)[1], x.dtype) for x in (m, v))
+      rounding = _math.Rounding(stochastic, stream_keys(i) if narrowing else None)
       if p is not None:
         step = _math.Step(step_size, weight_decay, decay)
         return _math.xla_stepped(

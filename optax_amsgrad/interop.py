@@ -242,8 +242,8 @@ def _stored(
     stored = _rounding.store_max(x, template.dtype, stochastic=stochastic, at_least=at_least)
   else:
     stored = _rounding.store(
-        x, template.dtype, stochastic=stochastic, seed=seed, count=count,
-        buffer=buffer, leaf_index=leaf_index,
+        x, template.dtype, stochastic=stochastic, buffer=buffer,
+        keys=_rounding.stream_keys(seed, count, leaf_index),
     )
   return _placed(stored, template)
 

@@ -53,8 +53,8 @@ def _round_nearest(x: np.ndarray, dtype) -> np.ndarray:
 
 def _store(x, dtype, *, count=1, seed=0, buffer="nu", leaf_index=0):
   return _rounding.store(
-      x, dtype, stochastic=True, seed=seed, count=count, buffer=buffer,
-      leaf_index=leaf_index,
+      x, dtype, stochastic=True, buffer=buffer,
+      keys=_rounding.stream_keys(seed, count, leaf_index),
   )
 
 
@@ -175,10 +175,15 @@ def test_ema_does_not_stall():
 # ----------------------------------------------------------------------------
 
 
+def _random_bits(shape, *, seed, count, buffer, leaf_index, part="real"):
+  key = _rounding.stream_key(seed, count, buffer, leaf_index, part)
+  return _rounding.random_bits(shape, key=key, buffer=buffer, part=part)
+
+
 def _bits(**changes):
   kwargs = {"seed": 0, "count": 1, "buffer": "mu", "leaf_index": 0}
   kwargs.update(changes)
-  return np.asarray(_rounding.random_bits((64, 1000), **kwargs))
+  return np.asarray(_random_bits((64, 1000), **kwargs))
 
 
 def test_bits_are_distinct_per_element():
@@ -215,6 +220,20 @@ def test_leaf_index_as_an_array_gives_the_same_keys():
   assert int(rows[2, 4]) == int(_rounding.stream_key(2, 17, "nu", leaves[4]))
 
 
+def test_tree_stream_keys_are_each_leafs_keys():
+  # The keys handed out to a tree's leaves at run time are the keys of each
+  # leaf's position, under jit too (where the handing-out reduce is compiled).
+  positions = [0, 1, 2, 5, 40]
+  for complex_parts in (False, True):
+    for run in (lambda f: f(), lambda f: jax.jit(f)()):
+      given = run(lambda cp=complex_parts: _rounding.tree_stream_keys(
+          jnp.uint32(3), jnp.int32(17), positions, complex_parts=cp))
+      for position, keys in zip(positions, given, strict=True):
+        expected = _rounding.stream_keys(3, 17, position)
+        for stream in ("mu", "nu") + (("mu_imag", "nu_imag") if complex_parts else ()):
+          assert int(getattr(keys, stream)) == int(getattr(expected, stream))
+
+
 def test_bits_do_not_cancel_between_inputs():
   # With a key built by XOR-ing multiples of the inputs, some (seed, count)
   # pairs would give the same bits as other pairs; folding the inputs in
@@ -233,7 +252,7 @@ def test_high_bits_are_uniform_across_elements_and_steps():
   # Chi-square test of the top 8 bits (the ones the rounding compares most
   # closely): 255 degrees of freedom, mean 255, sd 22.6; 400 is 6.4 sd out.
   for bits in (_bits().ravel(),
-               np.asarray(jax.vmap(lambda c: _rounding.random_bits(
+               np.asarray(jax.vmap(lambda c: _random_bits(
                    (4,), seed=0, count=c, buffer="nu", leaf_index=3))(
                        jnp.arange(1, 20001)))[:, 2]):
     counts = np.bincount(bits >> 24, minlength=256)
@@ -247,8 +266,7 @@ def _decisions_over_steps(**kwargs):
   over 20000 steps."""
   x = jnp.full((2,), 1.0 + 2**-8, jnp.float32)  # halfway: each draw is a coin
   kwargs = {"seed": 0, "buffer": "mu", "leaf_index": 0, **kwargs}
-  stored = jax.vmap(lambda c: _rounding.store(x, jnp.bfloat16, stochastic=True,
-                                              count=c, **kwargs))(
+  stored = jax.vmap(lambda c: _store(x, jnp.bfloat16, count=c, **kwargs))(
       jnp.arange(1, 20001))
   return _as_float64(stored) > 1.0 + 2**-8
 

@@ -223,7 +223,7 @@ def _xla_leaf(
   that every leaf of the same shapes, dtypes and options is traced once (a
   model's many equal leaves, which the XLA branch of ``_on_platform`` traces
   even where it is not lowered)."""
-  rounding = Rounding(stochastic, seed, count, leaf_index)
+  rounding = Rounding(stochastic, _rounding.stream_keys(seed, count, leaf_index))
   if step_scalars is None:
     return xla_stored(c, *leaf, rounding=rounding, split_complex=False, index=index)
   step = Step(*step_scalars, decay)
@@ -477,7 +477,7 @@ def _flat_xla_call(call: _FlatCall, *operands: jax.Array) -> tuple[jax.Array, ..
   values, seed, count, gs, ps, (m, v, v_max) = _split_flat(operands)
   c, d = _arithmetic(values)
   step = Step(values["step_size"], values["weight_decay"], call.decay)
-  rounding = Rounding(call.stochastic, seed, count, call.leaf_index)
+  rounding = Rounding(call.stochastic, _rounding.stream_keys(seed, count, call.leaf_index))
   batch = jnp.ndim(m) - 1  # leading vmap dimensions are not raveled
 
   def ravel(xs: list[jax.Array]) -> jax.Array:

@@ -117,11 +117,6 @@ def coefficients(
   bc1, bc2 = _bias_correction(b1, t), _bias_correction(b2, t)
   formula = FORMULAS[convention]
   one = jnp.ones([], dtype)
-  # Exactly 1 (t is a finite count), but computed rather than a constant. A
-  # constant 1 is folded away, which leaves ``maximum(nu_max, v)`` as a kernel
-  # with no scalar operand, and XLA:CPU compiles such kernels with a loop
-  # emitter that streams about 1.5x slower (benchmarks/README.md).
-  exact_one = (t - t) + 1
 
   def value(term: Callable[[jax.Array, jax.Array], jax.Array] | None,
             default: jax.Array) -> jax.Array:
@@ -132,7 +127,7 @@ def coefficients(
       b2=jnp.asarray(b2, dtype),
       one_minus_b1=_complement(b1, dtype),
       one_minus_b2=_complement(b2, dtype),
-      nu_max_scale=value(formula.nu_max_scale, exact_one),
+      nu_max_scale=value(formula.nu_max_scale, one),
   )
   direction = Direction(
       eps=jnp.asarray(eps, dtype),
@@ -258,14 +253,6 @@ def xla_stored(
       new_v_max, v_max.dtype, stochastic=rounding.stochastic,
       at_least=stored_v, scale=c.nu_max_scale,
   )
-  if not rounding.stochastic and v.dtype != new_v.dtype and not jnp.iscomplexobj(v):
-    # A no-op (nu_max is never negative) that orders the store of nu after
-    # the nu_max kernel, the last one to read the old nu: without it XLA
-    # copies the old, donated nu before overwriting it. Not with stochastic
-    # rounding, where the nu_max kernel also reads the stored nu: XLA then
-    # keeps the rounded nu in a temporary of the same size and an extra pass,
-    # slower than the copy.
-    stored_v = jnp.where(stored_v_max < 0, stored_v_max, stored_v)
   return stored_m, stored_v, stored_v_max
 
 

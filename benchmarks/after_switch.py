@@ -12,6 +12,11 @@ of sleeping, so that its core never idles.
 
   python benchmarks/after_switch.py                    # 1e6 params, 3 and 20 ms
   python benchmarks/after_switch.py --busy --pauses-ms 20
+  python benchmarks/after_switch.py --quick            # a smoke test
+
+``--out PATH`` writes the figures as JSON with the commit, machine and
+versions of the run (``benchmarks/results/after_switch.json`` is the one that
+``benchmarks/render.py`` renders).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
+from machine import CORE_PACKAGES, command_line, load_average, provenance
 
 # The variants, their data and thread counts are step_time.py's (this
 # script's directory is on sys.path when it runs).
@@ -70,7 +75,7 @@ def positive_int(text: str) -> int:
   return value
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--params", type=positive_int, default=1_000_000)
   parser.add_argument("--rounds", type=positive_int, default=30)
@@ -80,13 +85,21 @@ def main() -> None:
                       help="sleep between blocks, one run per value")
   parser.add_argument("--busy", action="store_true",
                       help="busy-wait on the calling thread instead of sleeping")
+  parser.add_argument("--quick", action="store_true",
+                      help="5,000 params, 2 rounds, blocks of 3, pauses of 0 and 1 ms: a "
+                      "smoke test")
   parser.add_argument("--out", type=Path, help="JSON output path")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.params, args.rounds, args.block, args.pauses_ms = 5_000, 2, 3, [0.0, 1.0]
   if any(p < 0 for p in args.pauses_ms):
     parser.error("--pauses-ms must not be negative")
 
   if torch is not None:
     torch.set_num_threads(cpu_threads())
+  packages = CORE_PACKAGES if torch is None else (*CORE_PACKAGES, "torch")
+  meta = provenance(command_line("after_switch.py", argv), packages=packages, quick=args.quick)
+  meta["torch_threads"] = None if torch is None else torch.get_num_threads()
   grads = make_grads([args.params], seed=0)
   steps = {"apply_step": JaxVariant("ours.apply_step", [args.params], grads).run}
   if torch is not None:
@@ -108,13 +121,12 @@ def main() -> None:
       cells = " | ".join(f"{1e3 * t:.2f}" for t in per_step)
       print(f"| {name} | {cells} | {1e3 * cpu_after[name]:.2f} ms |")
   if args.out is not None:
+    meta["machine"]["load_average_end"] = load_average()
     report: dict[str, Any] = {
-        "command": "python benchmarks/after_switch.py",
+        "meta": meta,
         "params": args.params,
         "rounds": args.rounds,
         "block": args.block,
-        "jax": jax.__version__,
-        "torch": None if torch is None else torch.__version__,
         "runs": runs,
     }
     args.out.write_text(json.dumps(report, indent=1))

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from machine import git, version
+from machine import CORE_PACKAGES, command_line, load_average, provenance
 
 import optax_amsgrad
 from optax_amsgrad import checkpoint
@@ -126,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.quick:
     args.interval, args.rounds, args.widths, args.batch = 5, 2, [16, 32, 4], 8
 
-  load_start = os.getloadavg()
+  meta = provenance(command_line("checkpoint_cost.py", argv),
+                    packages=(*CORE_PACKAGES, "orbax-checkpoint"), quick=args.quick)
   variants = ["no_save", "sync", "async"]
   with tempfile.TemporaryDirectory() as root:
     runs = [Run(name, args.widths, args.batch, args.interval, Path(root)) for name in variants]
@@ -162,30 +161,10 @@ def main(argv: list[str] | None = None) -> int:
       int(np.size(leaf)) * np.dtype(leaf.dtype).itemsize
       for leaf in jax.tree.leaves((runs[0].params, runs[0].state))
   )
+  meta["machine"]["device"] = str(jax.devices()[0])
+  meta["machine"]["load_average_end"] = load_average()
   report = {
-      "meta": {
-          "command": " ".join(
-              ["python benchmarks/checkpoint_cost.py", *(sys.argv[1:] if argv is None else argv)]
-          ),
-          "commit": (git("rev-parse", "HEAD") or "").strip() or None,
-          "machine": {
-              "platform": platform.platform(),
-              "processor": platform.processor(),
-              "cpu_count": os.cpu_count(),
-              "device": str(jax.devices()[0]),
-              "load_average_start": load_start,
-              "load_average_end": os.getloadavg(),
-          },
-          "versions": {
-              "python": platform.python_version(),
-              "jax": jax.__version__,
-              "jaxlib": version("jaxlib"),
-              "orbax-checkpoint": version("orbax-checkpoint"),
-              "optax": optax.__version__,
-              "optax_amsgrad": optax_amsgrad.__version__,
-          },
-          "quick": args.quick,
-      },
+      "meta": meta,
       "config": {
           "params": params,
           "widths": args.widths,

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -62,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from machine import cpu_model, git, load_average, version
+from machine import CORE_PACKAGES, command_line, load_average, provenance
 
 import optax_amsgrad
 
@@ -277,34 +276,9 @@ def run_worker(spec: dict[str, Any], kernel: str | None) -> dict[str, Any]:
 
 
 def environment(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
-  head = git("rev-parse", "HEAD")
-  status = git("status", "--porcelain")
-  return {
-      "command": " ".join(
-          ["python benchmarks/compile_time.py", *(sys.argv[1:] if argv is None else argv)]
-      ),
-      "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-      "quick": args.quick,
-      "commit": None if head is None else head.strip(),
-      "dirty": None if status is None else bool(status.strip()),
-      "changed_paths": None if status is None else status.splitlines()[:50],
-      "machine": {
-          "platform": platform.platform(),
-          "processor": platform.processor(),
-          "cpu": cpu_model(),
-          "cpu_count": os.cpu_count(),
-          # Other processes competing for the cores make every figure noisy.
-          "load_average_start": load_average(),
-      },
-      "versions": {
-          "python": platform.python_version(),
-          "jax": jax.__version__,
-          "jaxlib": version("jaxlib"),
-          "optax": optax.__version__,
-          "numpy": np.__version__,
-          "optax_amsgrad": optax_amsgrad.__version__,
-      },
-  }
+  """The common provenance, and whether the run was quick."""
+  return provenance(command_line("compile_time.py", argv), packages=CORE_PACKAGES,
+                    quick=args.quick)
 
 
 def median_entry(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -24,8 +24,13 @@ and is rendered from the JSON in ``benchmarks/results``. Blocks:
 * ``state_precision.open_loop``: the bias of the stored ``nu``, open loop,
 * ``checkpoint_cost``: step time with and without saving checkpoints.
 
-Every table is followed by a line naming the commit, machine and versions of
-the run it came from, as far as the stored results record them.
+Every table is followed by a line naming the run it came from, read from the
+``meta`` that ``benchmarks/machine.py``'s ``provenance`` writes into every
+result: the command, the commit (and whether the tree had changes), the date,
+the CPU with its widest vector extension (avx512f or avx2), the threads, the
+load average and the versions of jax, jaxlib, optax and, where used, torch
+and orbax-checkpoint. Results from before that ``meta`` are read as far as
+they go ("unknown commit" where they name none).
 
 Run::
 
@@ -63,44 +68,93 @@ def load(root: Path, name: str) -> dict[str, Any]:
   return json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text())
 
 
-PACKAGES = (("python", "Python"), ("jax", "jax"), ("jaxlib", "jaxlib"), ("optax", "optax"),
-            ("numpy", "numpy"), ("torch", "torch"), ("orbax-checkpoint", "orbax-checkpoint"))
+# The versions the line under a table names, where the run recorded them.
+PACKAGES = ("jax", "jaxlib", "optax", "torch", "orbax-checkpoint")
+# The vector extensions that bound a streaming step, widest first: the line
+# names the widest the machine had.
+SIMD = (("avx512f", "avx512_bf16"), ("avx2",))
+
+
+def meta_of(report: dict[str, Any]) -> dict[str, Any]:
+  """A stored result's ``meta``, in the form ``machine.provenance`` writes.
+
+  Results measured before that form (their ``machine`` has no ``cpu_flags``)
+  are read by ``legacy_meta``.
+  """
+  meta = report.get("meta") or {}
+  if "cpu_flags" in (meta.get("machine") or {}):
+    return meta
+  return legacy_meta(report)
+
+
+def legacy_meta(report: dict[str, Any]) -> dict[str, Any]:
+  """The common form of a result from before it: what it recorded, None for the rest.
+
+  Those kept their facts in a flat ``meta`` (``step_time``), at the top level
+  (``state_precision``, ``after_switch``) or in a ``meta`` without the CPU's
+  flags and threads (``compile_time``, ``checkpoint_cost``).
+  """
+  old = dict(report.get("meta") or {})
+  for key in ("command", "machine", "jax", "torch"):
+    if key in report:
+      old.setdefault(key, report[key])
+  machine = dict(old.get("machine") or {})
+  versions = dict(old.get("versions") or {})
+  for key in ("python", *PACKAGES):
+    value = old.get(key) or machine.pop(key, None)
+    if value:
+      versions.setdefault(key, value)
+  for key in ("cpu", "cpu_threads", "load_average_start", "load_average_end"):
+    if key in old:
+      machine.setdefault(key, old[key])
+  for key in ("cpu", "cpu_flags", "cpu_count", "cpu_threads", "load_average_start"):
+    machine.setdefault(key, None)
+  return {**old, **{key: old.get(key) for key in ("time", "commit", "dirty", "changed_paths")},
+          "machine": machine, "versions": versions}
 
 
 def provenance(report: dict[str, Any], runs: str) -> str:
-  """The line under a table: command, runs, commit, machine and versions.
+  """The line under a table: command, runs, commit, date, machine and versions.
 
   Args:
-    report: a stored result with a ``meta`` holding ``command`` and,
-      where recorded, ``commit``, ``dirty``, ``machine`` and ``versions``.
+    report: a stored result; its ``meta`` as ``machine.provenance`` writes it
+      (or an older form, see ``legacy_meta``).
     runs: what the rows are medians of, in words.
 
   Returns:
     The line, in italics.
   """
-  meta = report["meta"]
-  machine, versions = meta.get("machine") or {}, meta.get("versions") or {}
-  commit = "unknown commit" if not meta.get("commit") else f"commit `{meta['commit'][:10]}`"
-  if meta.get("dirty"):
-    changed = meta.get("changed_paths") or []
+  meta = meta_of(report)
+  machine, versions = meta["machine"], meta["versions"]
+  commit = f"commit `{meta['commit'][:10]}`" if meta["commit"] else "unknown commit"
+  if meta["dirty"]:
+    changed = meta["changed_paths"] or []
     if changed and all(line.startswith("??") for line in changed):
       commit += " and untracked files"
     else:
       commit += " with uncommitted changes"
-  load_start, load_end = machine.get("load_average_start"), machine.get("load_average_end")
-  load_text = ""
+  if meta["time"]:
+    commit += f", {meta['time'][:10]}"
+  cpu = machine["cpu"]
+  flags = machine["cpu_flags"] or []
+  widest = next((group for group in SIMD if group[0] in flags), ())
+  if cpu and widest:
+    cpu += " with " + ", ".join(flag for flag in widest if flag in flags)
+  threads, count = machine["cpu_threads"], machine["cpu_count"]
+  cores = None
+  if threads:
+    cores = f"{threads} threads" + (f" of {count} CPUs" if count and count != threads else "")
+  elif count:
+    cores = f"{count} CPUs"
+  load_start, load_end = machine["load_average_start"], machine.get("load_average_end")
+  load = None
   if load_start:
-    load_text = f", load average {load_start[0]:.2f} at the start"
+    load = f"load average {load_start[0]:.2f} at the start"
     if load_end:
-      load_text += f" and {load_end[0]:.2f} at the end"
-  described = [machine.get("cpu") or machine.get("processor"),
-               f"{machine['cpu_count']} CPUs" if machine.get("cpu_count") else None,
-               machine.get("platform")]
-  machine_text = ", ".join(part for part in described if part) + load_text
-  packages = ", ".join(
-      f"{name} {versions[key]}" for key, name in PACKAGES if versions.get(key)
-  )
-  parts = [f"`{meta['command'].strip()}`, {runs}", commit, machine_text, packages]
+      load += f" and {load_end[0]:.2f} at the end"
+  where = ", ".join(part for part in (cpu, cores, load) if part)
+  packages = ", ".join(f"{name} {versions[name]}" for name in PACKAGES if versions.get(name))
+  parts = [f"`{meta['command'].strip()}`, {runs}", commit, where, packages]
   return "*" + "; ".join(part for part in parts if part) + ".*"
 
 
@@ -201,19 +255,9 @@ def short_count(n: int) -> str:
   return f"{n:,}"
 
 
-def step_time_meta(report: dict[str, Any]) -> dict[str, Any]:
-  """A ``step_time.json`` with its flat ``meta`` in the shape ``provenance`` reads."""
-  meta = report["meta"]
-  machine = {key: meta[key] for key in ("cpu", "load_average_start", "load_average_end")
-             if key in meta}
-  versions = {key: meta[key] for key, _ in PACKAGES if key in meta}
-  return {"meta": {"command": meta["command"], "commit": meta.get("commit"),
-                   "machine": machine, "versions": versions}}
-
-
 def step_time_runs(report: dict[str, Any]) -> str:
-  meta = report["meta"]
-  threads = f"jax on {meta['cpu_threads']} threads"
+  meta = meta_of(report)
+  threads = f"jax on {meta['machine']['cpu_threads']} threads"
   if meta.get("torch_threads"):
     threads += f", torch on {meta['torch_threads']}"
   return (f"medians of {meta['rounds']} interleaved rounds of {meta['steps_per_block']} "
@@ -221,7 +265,7 @@ def step_time_runs(report: dict[str, Any]) -> str:
 
 
 def step_time_provenance(report: dict[str, Any]) -> str:
-  return provenance(step_time_meta(report), step_time_runs(report))
+  return provenance(report, step_time_runs(report))
 
 
 def one_leaf_case(report: dict[str, Any], params: int) -> dict[str, Any]:
@@ -418,11 +462,9 @@ def after_switch(root: Path) -> str:
                    *(f"{per_step[position]:.2f}" for position in positions),
                    f"{run['cpu_ms_during_pause_after'][name]:.2f} ms"])
   lines = table(["sleep", "variant", *map(str, positions), "CPU in sleep"], rows)
-  meta = {"command": report["command"],
-          "versions": {key: report[key] for key in ("jax", "torch") if key in report}}
   runs = (f"{report['params']:,} float32 params, blocks of {block} steps, medians of "
           f"{report['rounds']} blocks")
-  return "\n".join(lines) + "\n\n" + provenance({"meta": meta}, runs)
+  return "\n".join(lines) + "\n\n" + provenance(report, runs)
 
 
 PROBLEM_NAMES = {
@@ -434,18 +476,6 @@ PROBLEM_NAMES = {
 }
 CONTROL = "float32_jitter"
 CONTROL_LABEL = "float32, params perturbed (sensitivity control)"
-
-
-def state_precision_meta(report: dict[str, Any]) -> dict[str, Any]:
-  """``state_precision.json`` in the shape ``provenance`` reads."""
-  meta = dict(report.get("meta") or {})
-  machine = dict(meta.get("machine") or report.get("machine") or {})
-  versions = dict(meta.get("versions") or {})
-  if "jax" in machine:
-    versions.setdefault("jax", machine.pop("jax"))
-  meta.update(command=meta.get("command") or report["command"], machine=machine,
-              versions=versions)
-  return {"meta": meta}
 
 
 def variant_label(report: dict[str, Any], name: str, default: str) -> str:
@@ -544,7 +574,7 @@ def state_precision(root: Path) -> str:
   if "size" in step_time:
     runs += (f"; step time: one leaf of {step_time['size']:,} float32 params, medians of "
              f"{step_time['repeats']} interleaved runs")
-  return "\n".join(lines) + "\n\n" + provenance(state_precision_meta(report), runs)
+  return "\n".join(lines) + "\n\n" + provenance(report, runs)
 
 
 OPEN_LOOP = {"gaussian": "Gaussian", "period_3": "repeating with period 3",
@@ -579,7 +609,7 @@ def state_precision_open_loop(root: Path) -> str:
           for kind, entry in stochastic) + ".",
   ]
   runs = f"{bias['size']:,} coordinates, {bias['steps']} steps"
-  return "\n".join(lines) + "\n\n" + provenance(state_precision_meta(report), runs)
+  return "\n".join(lines) + "\n\n" + provenance(report, runs)
 
 
 CHECKPOINT_NAMES = {"no_save": "none", "sync": "synchronous", "async": "asynchronous"}

@@ -30,7 +30,8 @@ Run (about 3 minutes on 2 CPU cores)::
 
   python benchmarks/state_precision.py
 
-It writes ``benchmarks/results/state_precision.json`` and prints a summary.
+It writes ``benchmarks/results/state_precision.json`` (or ``--out``), with
+the commit, machine and versions of the run, and prints a summary.
 ``--quick`` runs fewer seeds and steps (a smoke test, not the figures).
 """
 
@@ -40,7 +41,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from machine import CORE_PACKAGES, command_line, load_average, provenance
 
 import optax_amsgrad
 from optax_amsgrad import _rounding
@@ -557,24 +558,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--size", type=int, default=10_000_000)
   parser.add_argument("--repeats", type=int, default=41)
   parser.add_argument("--skip-timing", action="store_true")
-  parser.add_argument("--output", default=os.path.join(RESULTS,
-                                                       "state_precision.json"))
+  parser.add_argument("--out", "--output", dest="out",
+                      default=os.path.join(RESULTS, "state_precision.json"),
+                      help="JSON output path")
   args = parser.parse_args(argv)
   seeds = list(range(2 if args.quick else args.seeds))
   steps_scale = 0.2 if args.quick else 1.0
   size = 1_000_000 if args.quick else args.size
 
   print("quality: final loss relative to float32 state", flush=True)
+  meta = provenance(command_line("state_precision.py", argv), packages=CORE_PACKAGES,
+                    quick=args.quick)
+  meta["machine"]["device"] = str(jax.devices()[0])
   report: dict[str, Any] = {
-      "command": "python benchmarks/state_precision.py " + " ".join(
-          sys.argv[1:] if argv is None else argv),
-      "machine": {
-          "platform": platform.platform(),
-          "processor": platform.processor(),
-          "cpu_count": os.cpu_count(),
-          "jax": jax.__version__,
-          "device": str(jax.devices()[0]),
-      },
+      "meta": meta,
       "quality": quality(seeds, steps_scale),
       "state_bytes_per_param": memory(),
       "rounding_bias": rounding_bias(600 if args.quick else 3000, 20_000),
@@ -589,10 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {name:14s} " + "  ".join(
         f"{v} {s['max_abs_relative_change']:.2%}"
         for v, s in result["summary"].items()))
-  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  with open(args.output, "w") as file:
+  meta["machine"]["load_average_end"] = load_average()
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as file:
     json.dump(report, file, indent=1)
-  print("wrote", args.output)
+  print("wrote", args.out)
   return 0
 
 

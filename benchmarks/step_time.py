@@ -42,10 +42,8 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from machine import cpu_model, cpu_threads, load_average
+from machine import CORE_PACKAGES, command_line, cpu_threads, load_average, provenance
 
 import optax_amsgrad
 from optax_amsgrad import flatten_by_dtype
@@ -361,28 +359,20 @@ def compile_sweep(leaves_list: list[int], leaf_size: int) -> list[dict[str, Any]
   return rows
 
 
-def environment(args: argparse.Namespace) -> dict[str, Any]:
+def environment(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+  """The common provenance, with the run's settings and the devices and
+  threads of JAX and torch."""
   device = jax.devices()[0]
-  meta: dict[str, Any] = {
-      "command": " ".join([Path(sys.executable).name, *sys.argv]),
-      "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-      "quick": args.quick,
+  packages = CORE_PACKAGES if args.no_torch else (*CORE_PACKAGES, "torch")
+  meta = provenance(command_line("step_time.py", argv), packages=packages, quick=args.quick)
+  meta.update({
       "rounds": args.rounds,
       "steps_per_block": args.steps,
       "jax_platform": device.platform,
       "jax_device": str(device.device_kind),
-      "cpu": cpu_model(),
-      "cpu_threads": cpu_threads(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "optax_amsgrad": optax_amsgrad.__version__,
-      "torch": None if torch is None else torch.__version__,
       "torch_device": None if args.no_torch else torch_device(),
       "torch_threads": None if torch is None else torch.get_num_threads(),
-      # Other processes competing for the cores make every figure noisy.
-      "load_average_start": load_average(),
-  }
+  })
   if torch is not None and torch_device() == "cuda":
     meta["torch_cuda_device"] = torch.cuda.get_device_name()
   return meta
@@ -532,10 +522,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # XLA's CPU client runs one thread per core this process may use; torch
     # gets the same number.
     torch.set_num_threads(threads)
-  report: dict[str, Any] = {"meta": environment(args), "cases": [], "compile": []}
+  report: dict[str, Any] = {"meta": environment(args, argv), "cases": [], "compile": []}
   meta = report["meta"]
-  print(f"JAX on {meta['jax_platform']} ({meta['jax_device']}), CPU {meta['cpu']}, "
-        f"{threads} threads for XLA and torch; torch {meta['torch']} on "
+  print(f"JAX on {meta['jax_platform']} ({meta['jax_device']}), CPU {meta['machine']['cpu']}, "
+        f"{threads} threads for XLA and torch; torch {meta['versions'].get('torch')} on "
         f"{meta['torch_device']}", flush=True)
   for name, sizes in QUICK_CASES if args.quick else FULL_CASES:
     print(f"case {name} ...", flush=True)
@@ -545,10 +535,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["compile"] = compile_sweep(
         QUICK_COMPILE_LEAVES if args.quick else FULL_COMPILE_LEAVES, COMPILE_LEAF_SIZE
     )
-  meta["load_average_end"] = load_average()
+  meta["machine"]["load_average_end"] = load_average()
   print_tables(report)
-  print(f"\nload average (1, 5, 15 min) at the start {meta['load_average_start']}, "
-        f"at the end {meta['load_average_end']}")
+  print(f"\nload average (1, 5, 15 min) at the start {meta['machine']['load_average_start']}, "
+        f"at the end {meta['machine']['load_average_end']}")
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(report, indent=1) + "\n")
   print(f"\nwrote {args.out}")

@@ -4,12 +4,16 @@ themselves."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -35,9 +39,12 @@ def test_quick_mode_writes_every_section(quick_report):
   report, _ = quick_report
   assert set(report) == {"meta", "cases", "compile"}
   meta = report["meta"]
-  for key in ("jax_platform", "jax_device", "cpu_threads", "torch_threads",
-              "torch_device", "jax", "optax", "command", "quick"):
+  for key in ("jax_platform", "jax_device", "torch_threads", "torch_device", "command",
+              "commit", "time", "quick", "rounds", "steps_per_block"):
     assert key in meta
+  assert {"cpu", "cpu_flags", "cpu_threads", "load_average_start",
+          "load_average_end"} <= set(meta["machine"])
+  assert {"python", "jax", "jaxlib", "optax"} <= set(meta["versions"])
   assert meta["quick"] is True
   assert len(report["cases"]) >= 2
   for case in report["cases"]:
@@ -93,6 +100,8 @@ def test_after_switch_runs_and_reports_every_step(tmp_path):
   )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   report = json.loads(out.read_text())
+  assert {"commit", "machine", "versions"} <= set(report["meta"])
+  assert "cpu_flags" in report["meta"]["machine"]
   assert [run["pause_ms"] for run in report["runs"]] == [0.0, 1.0]
   for run in report["runs"]:
     assert "apply_step" in run["median_ms_by_step"]
@@ -123,6 +132,67 @@ COMPILE_TIME = ROOT / "benchmarks" / "compile_time.py"
 RENDER = ROOT / "benchmarks" / "render.py"
 
 
+def benchmark_module(name: str) -> ModuleType:
+  """``benchmarks/NAME.py`` imported under a name of its own (the folder is no package)."""
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}",
+                                                ROOT / "benchmarks" / f"{name}.py")
+  assert spec is not None and spec.loader is not None
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_provenance_records_this_checkout_machine_and_versions():
+  machine = benchmark_module("machine")
+  meta = machine.provenance("python benchmarks/x.py --quick",
+                            packages=("jax", "optax", "no-such-package-here"), quick=True)
+  head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                        check=True, cwd=ROOT).stdout.strip()
+  assert meta["commit"] == head
+  assert isinstance(meta["dirty"], bool)
+  assert meta["command"] == "python benchmarks/x.py --quick"
+  assert meta["quick"] is True
+  assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", meta["time"])
+  assert isinstance(meta["machine"]["cpu"], str) and meta["machine"]["cpu"]
+  flags = meta["machine"]["cpu_flags"]
+  assert isinstance(flags, list) and set(flags) <= set(machine.SIMD_FLAGS)
+  assert meta["machine"]["cpu_threads"] >= 1
+  # Only what is installed, each at its installed version.
+  assert meta["versions"] == {
+      "python": platform.python_version(),
+      "jax": importlib.metadata.version("jax"),
+      "optax": importlib.metadata.version("optax"),
+  }
+
+
+def test_render_provenance_line_names_commit_and_cpu_flags():
+  render = benchmark_module("render")
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  meta = {
+      "command": "python benchmarks/step_time.py", "time": "2030-01-02 03:04:05 UTC",
+      "commit": commit, "dirty": False, "changed_paths": [],
+      "machine": {"platform": "Linux", "cpu": "Some CPU", "cpu_count": 8, "cpu_threads": 4,
+                  "cpu_flags": ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16"],
+                  "load_average_start": [0.5, 0.4, 0.3], "load_average_end": [0.7, 0.5, 0.3]},
+      "versions": {"python": "3.11.7", "jax": "0.10.2", "jaxlib": "0.10.2", "optax": "0.2.8",
+                   "torch": "2.13.0"},
+  }
+  line = render.provenance({"meta": meta}, "3 runs")
+  assert line == (
+      "*`python benchmarks/step_time.py`, 3 runs; commit `0123456789`, 2030-01-02; Some CPU "
+      "with avx512f, avx512_bf16, 4 threads of 8 CPUs, load average 0.50 at the start and "
+      "0.70 at the end; jax 0.10.2, jaxlib 0.10.2, optax 0.2.8, torch 2.13.0.*")
+  meta["machine"]["cpu_flags"] = ["avx", "avx2", "fma"]
+  meta["dirty"], meta["changed_paths"] = True, [" M optax_amsgrad/_math.py"]
+  line = render.provenance({"meta": meta}, "3 runs")
+  assert "commit `0123456789` with uncommitted changes, 2030-01-02" in line
+  assert "Some CPU with avx2, 4 threads" in line
+  # A result from before the common form still renders, without a commit.
+  legacy = {"command": "python benchmarks/after_switch.py", "jax": "0.10.2", "runs": []}
+  assert render.provenance(legacy, "3 runs") == (
+      "*`python benchmarks/after_switch.py`, 3 runs; unknown commit; jax 0.10.2.*")
+
+
 @pytest.fixture(scope="module")
 def compile_time_report(tmp_path_factory) -> dict:
   out = tmp_path_factory.mktemp("bench") / "compile_time_quick.json"
@@ -141,7 +211,7 @@ def test_compile_time_quick_mode_writes_every_section(compile_time_report):
   meta = report["meta"]
   assert {"command", "commit", "dirty", "machine", "versions", "quick"} <= set(meta)
   assert meta["quick"] is True
-  assert {"platform", "processor", "cpu_count", "load_average_start",
+  assert {"platform", "cpu", "cpu_flags", "cpu_count", "cpu_threads", "load_average_start",
           "load_average_end"} <= set(meta["machine"])
   assert {"python", "jax", "jaxlib", "optax", "numpy"} <= set(meta["versions"])
 
@@ -247,7 +317,7 @@ def test_state_precision_control_row_reads_its_label_and_movement_from_the_resul
   readme = tmp_path / "README.md"
   text = readme.read_text()
   assert "float32, params perturbed (sensitivity control)" in text
-  assert "moved params by" not in text
+  assert "moved params by 3.1e-04" not in text
 
   path = tmp_path / "benchmarks" / "results" / "state_precision.json"
   report = json.loads(path.read_text())

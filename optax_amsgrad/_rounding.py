@@ -123,7 +123,8 @@ class StreamKeys(NamedTuple):
   nu_imag: jax.Array
 
   def of(self, buffer: str, part: str = "real") -> jax.Array:
-    return getattr(self, buffer if part == "real" else f"{buffer}_imag")
+    key: jax.Array = getattr(self, buffer if part == "real" else f"{buffer}_imag")
+    return key
 
 
 def stream_keys(
@@ -132,6 +133,10 @@ def stream_keys(
   """The :class:`StreamKeys` of the leaf at ``leaf_index``."""
   return StreamKeys(*(stream_key(seed, count, buffer, leaf_index, part)
                       for part in ("real", "imag") for buffer in ("mu", "nu")))
+
+
+# Keys per reduce: XLA's passes take time superlinear in a reduce's outputs.
+_KEYS_PER_REDUCE = 32
 
 
 def tree_stream_keys(
@@ -146,9 +151,9 @@ def tree_stream_keys(
   into it: XLA compiles fusions that differ only in a constant separately,
   and identical ones once, so the many same-shaped leaves of a model cost
   one compiled kernel, as they do in ``optax.amsgrad``. The keys of all
-  leaves are hashed at once and handed out by one variadic ``reduce`` (an
-  ``or`` with zero): XLA fuses a slice into its consumer, with its constant
-  position, but not a reduce, and cannot fold this one away.
+  leaves are hashed at once and handed out by variadic ``reduce``s (an ``or``
+  with zero) of 32 keys each: XLA fuses a slice into its consumer, with its
+  constant position, but not a reduce, and cannot fold this one away.
   """
   positions = jnp.asarray(np.asarray(leaf_indices, np.uint32))
   streams = [("mu", "real"), ("nu", "real")]
@@ -158,12 +163,16 @@ def tree_stream_keys(
   for buffer, part in streams:
     keys = stream_key(seed, count, buffer, positions, part)
     pairs = jnp.stack([keys, jnp.zeros_like(keys)], axis=1)
-    by_stream[buffer, part] = lax.reduce(
-        tuple(pairs[i] for i in range(len(leaf_indices))),
-        tuple(jnp.uint32(0) for _ in leaf_indices),
-        lambda xs, ys: tuple(x | y for x, y in zip(xs, ys, strict=True)),
-        (0,),
-    )
+    out = []
+    for start in range(0, len(leaf_indices), _KEYS_PER_REDUCE):
+      n = min(_KEYS_PER_REDUCE, len(leaf_indices) - start)
+      out.extend(lax.reduce(
+          tuple(pairs[start + i] for i in range(n)),
+          tuple(np.uint32(0) for _ in range(n)),
+          lambda xs, ys: tuple(x | y for x, y in zip(xs, ys, strict=True)),
+          (0,),
+      ))
+    by_stream[buffer, part] = out
   zero = jnp.zeros([], jnp.uint32)
   return [
       StreamKeys(*(by_stream[buffer, part][i] if (buffer, part) in by_stream else zero

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -85,6 +86,40 @@ class AmsgradUpdate:
       params: optax.Params | None = None,
   ) -> tuple[optax.Updates, ScaleByAmsgradState]:
     return self._update(updates, state, params)
+
+
+@functools.partial(jax.jit, static_argnames=("stochastic", "split_complex", "decay"))
+def _xla_leaf(
+    moment_coefficients: _math.MomentCoefficients,
+    direction: _math.Direction,
+    step_scalars: tuple[jax.Array, jax.Array] | None,
+    g: jax.Array,
+    p: jax.Array | None,
+    m: jax.Array,
+    v: jax.Array,
+    v_max: jax.Array,
+    keys: _rounding.StreamKeys | None,
+    *,
+    stochastic: bool,
+    split_complex: bool,
+    decay: bool,
+) -> tuple[jax.Array, ...]:
+  """(new params, or the updates when ``p`` is None, m, v, v_max) of one leaf
+  by XLA. Jitted: a model's many leaves of one shape and dtype are traced and
+  lowered once, and called; XLA inlines the calls."""
+  rounding = _math.Rounding(stochastic, keys)
+  if p is not None:
+    assert step_scalars is not None
+    return _math.xla_stepped(
+        moment_coefficients, direction, _math.Step(*step_scalars, decay), g, p, m, v, v_max,
+        rounding=rounding, split_complex=split_complex,
+    )
+  stored = _math.xla_stored(
+      moment_coefficients, g, m, v, v_max, rounding=rounding, split_complex=split_complex,
+  )
+  return (_math.update_from_stored(
+      stored[0], stored[2], direction, g.dtype, split_complex=split_complex
+  ), *stored)
 
 
 def scale_by_amsgrad(
@@ -287,19 +322,13 @@ def scale_by_amsgrad(
       moment_coefficients, direction = parts(g.dtype)
       narrowing = stochastic and any(
           _rounding.is_narrowing(_math.compute_dtypes(g.dtype)[1], x.dtype) for x in (m, v))
-      rounding = _math.Rounding(stochastic, stream_keys(i) if narrowing else None)
-      if p is not None:
-        step = _math.Step(step_size, weight_decay, decay)
-        return _math.xla_stepped(
-            moment_coefficients, direction, step, g, p, m, v, v_max,
-            rounding=rounding, split_complex=split_complex,
-        )
-      stored = _math.xla_stored(
-          moment_coefficients, g, m, v, v_max, rounding=rounding, split_complex=split_complex,
+      stepped: tuple[jax.Array, ...] = _xla_leaf(
+          moment_coefficients, direction,
+          None if p is None else (step_size, weight_decay),
+          g, p, m, v, v_max, stream_keys(i) if narrowing else None,
+          stochastic=stochastic, split_complex=split_complex, decay=decay,
       )
-      return (_math.update_from_stored(
-          stored[0], stored[2], direction, g.dtype, split_complex=split_complex
-      ), *stored)
+      return stepped
 
     if cpu.in_use():
       results = cpu.step_leaves(

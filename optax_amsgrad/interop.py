@@ -61,11 +61,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import optax_amsgrad
-
 # Narrow state (bfloat16 moments) is written through the storage functions of
 # the solver's own steps, so that a state moved in is rounded as one made here.
-from optax_amsgrad import _rounding
+from optax_amsgrad import _alias, _rounding, _transform
 
 Layouts = Any  # a tree shaped like the params: None or a tuple of axes per leaf
 _COUNT_MAX = 2**31 - 1  # count is an int32 that saturates
@@ -85,7 +83,7 @@ def _is_masked(node: Any) -> bool:
 
 
 def _is_amsgrad_state(node: Any) -> bool:
-  return isinstance(node, optax_amsgrad.ScaleByAmsgradState)
+  return isinstance(node, _transform.ScaleByAmsgradState)
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -441,7 +439,7 @@ def from_torch(
     decoupled_weight_decay: bool | None = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
     nu_dtype: jax.typing.DTypeLike | None = None,
-    state_rounding: optax_amsgrad.StateRounding = "stochastic",
+    state_rounding: _transform.StateRounding = "stochastic",
     seed: int = 0,
 ) -> tuple[optax.GradientTransformation, optax.OptState]:
   """The solver and state that continue a ``torch.optim.Adam/AdamW(amsgrad=True)`` run.
@@ -577,13 +575,13 @@ def from_torch(
         )
       decoupled = False
     if decoupled:
-      transforms.append(optax_amsgrad.amsgradw(lr, b1, b2, eps, weight_decay=wd, **options))
+      transforms.append(_alias.amsgradw(lr, b1, b2, eps, weight_decay=wd, **options))
     elif wd != 0:
       transforms.append(optax.chain(
-          optax.add_decayed_weights(wd), optax_amsgrad.amsgrad(lr, b1, b2, eps, **options)
+          optax.add_decayed_weights(wd), _alias.amsgrad(lr, b1, b2, eps, **options)
       ))
     else:
-      transforms.append(optax_amsgrad.amsgrad(lr, b1, b2, eps, **options))
+      transforms.append(_alias.amsgrad(lr, b1, b2, eps, **options))
   solver: optax.GradientTransformation
   if len(transforms) == 1:
     solver = transforms[0]
@@ -714,7 +712,7 @@ def from_keras(
     learning_rate: optax.ScalarOrSchedule | None = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
     nu_dtype: jax.typing.DTypeLike | None = None,
-    state_rounding: optax_amsgrad.StateRounding = "stochastic",
+    state_rounding: _transform.StateRounding = "stochastic",
     seed: int = 0,
 ) -> tuple[optax.GradientTransformation, optax.OptState]:
   """The solver and state that continue a Keras 3 ``Adam/AdamW(amsgrad=True)`` run.
@@ -799,14 +797,14 @@ def from_keras(
   wd = keras_optimizer.weight_decay
   solver: optax.GradientTransformation
   if wd is None or _float("weight_decay", wd) == 0:
-    solver = optax_amsgrad.amsgrad(lr, b1, b2, eps, **options)
+    solver = _alias.amsgrad(lr, b1, b2, eps, **options)
   else:
     mask: Any = None
     if built:
       decays = [bool(keras_optimizer._use_weight_decay(variables[j])) for j in plan.order]
       if not all(decays):
         mask = treedef.unflatten(decays)
-    solver = optax_amsgrad.amsgradw(
+    solver = _alias.amsgradw(
         lr, b1, b2, eps, weight_decay=_float("weight_decay", wd), mask=mask, **options
     )
   opt_state = _filled(solver, params, moments, count,
@@ -915,10 +913,10 @@ def from_optax(opt_state: optax.OptState) -> optax.OptState:
     The same state with ``optax_amsgrad.ScaleByAmsgradState`` in place of
     ``optax.ScaleByAmsgradState``.
   """
-  return _replaced(opt_state, optax.ScaleByAmsgradState, optax_amsgrad.ScaleByAmsgradState)
+  return _replaced(opt_state, optax.ScaleByAmsgradState, _transform.ScaleByAmsgradState)
 
 
 def to_optax(opt_state: optax.OptState) -> optax.OptState:
   """The reverse of :func:`from_optax`: a state of ``amsgrad(convention="optax")``
   for ``optax.amsgrad``."""
-  return _replaced(opt_state, optax_amsgrad.ScaleByAmsgradState, optax.ScaleByAmsgradState)
+  return _replaced(opt_state, _transform.ScaleByAmsgradState, optax.ScaleByAmsgradState)

@@ -56,6 +56,7 @@ BLOCK = re.compile(
 )
 OPENING = re.compile(r"<!-- render:([\w.-]+) -->")
 REFERENCE = "optax.amsgrad"
+RESULTS_PATH = "benchmarks/results/"
 
 SOLVER_NAMES = {
     "optax.amsgrad": ("`optax.amsgrad`", "float32"),
@@ -127,8 +128,11 @@ def provenance(report: dict[str, Any], runs: str) -> str:
   meta = meta_of(report)
   machine, versions = meta["machine"], meta["versions"]
   commit = f"commit `{meta['commit'][:10]}`" if meta["commit"] else "unknown commit"
-  if meta["dirty"]:
-    changed = meta["changed_paths"] or []
+  # Stored results written earlier in the same series of runs are not
+  # changes to what was measured.
+  changed = [line for line in meta["changed_paths"] or []
+             if not line[3:].startswith(RESULTS_PATH)]
+  if meta["dirty"] and (changed or not meta["changed_paths"]):
     if changed and all(line.startswith("??") for line in changed):
       commit += " and untracked files"
     else:

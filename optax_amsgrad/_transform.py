@@ -305,16 +305,16 @@ def scale_by_amsgrad(
         zip(g_leaves, p_leaves, m_leaves, v_leaves, v_max_leaves, decays, strict=True)
     ]
 
-    keys: dict[int, _rounding.StreamKeys] = {}
+    tree_keys: list[_rounding.StreamKeys] = []
 
     def stream_keys(i: int) -> _rounding.StreamKeys:
       """Leaf ``i``'s stream keys, those of every leaf made at the first call."""
-      if not keys:
-        keys.update(zip(range(len(leaves)), _rounding.tree_stream_keys(
+      if not tree_keys:
+        tree_keys.extend(_rounding.tree_stream_keys(
             seed_bits, count, range(len(leaves)),
             complex_parts=any(jnp.iscomplexobj(leaf.g) for leaf in leaves),
-        ), strict=True))
-      return keys[i]
+        ))
+      return tree_keys[i]
 
     def xla_leaf(i: int) -> tuple[jax.Array, ...]:
       """(new params or updates, m, v, v_max) of leaf ``i``, by XLA."""

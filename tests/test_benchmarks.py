@@ -21,18 +21,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "step_time.py"
 
 
+def run_benchmark(script: Path, out: Path, *args: str, timeout: int = 600) -> dict:
+  """Runs a benchmark script writing to ``out`` and returns its JSON. A fresh
+  process: the test session enables float64, the benchmarks measure what
+  users get by default."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  result = subprocess.run(
+      [sys.executable, str(script), *args, "--out", str(out)],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory) -> tuple[dict, Path]:
   out = tmp_path_factory.mktemp("bench") / "step_time_quick.json"
-  # A fresh process: the test session enables float64, the benchmark
-  # measures what users get by default.
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  result = subprocess.run(
-      [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-      capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
-  )
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  return json.loads(out.read_text()), out
+  return run_benchmark(SCRIPT, out, "--quick"), out
 
 
 def test_quick_mode_writes_every_section(quick_report):
@@ -91,15 +96,11 @@ def test_plot_is_written_when_matplotlib_is_installed(quick_report):
 
 
 def test_after_switch_runs_and_reports_every_step(tmp_path):
-  out = tmp_path / "after_switch.json"
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  result = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "after_switch.py"), "--params", "5000",
-       "--rounds", "2", "--block", "3", "--pauses-ms", "0", "1", "--out", str(out)],
-      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+  report = run_benchmark(
+      ROOT / "benchmarks" / "after_switch.py", tmp_path / "after_switch.json",
+      "--params", "5000", "--rounds", "2", "--block", "3", "--pauses-ms", "0", "1",
+      timeout=300,
   )
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  report = json.loads(out.read_text())
   assert {"commit", "machine", "versions"} <= set(report["meta"])
   assert "cpu_flags" in report["meta"]["machine"]
   assert [run["pause_ms"] for run in report["runs"]] == [0.0, 1.0]
@@ -112,15 +113,8 @@ def test_after_switch_runs_and_reports_every_step(tmp_path):
 
 
 def test_checkpoint_cost_runs_every_variant(tmp_path):
-  out = tmp_path / "checkpoint_cost.json"
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  result = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "checkpoint_cost.py"), "--quick", "--out",
-       str(out)],
-      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-  )
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  report = json.loads(out.read_text())
+  report = run_benchmark(ROOT / "benchmarks" / "checkpoint_cost.py",
+                         tmp_path / "checkpoint_cost.json", "--quick", timeout=300)
   assert {"commit", "machine", "versions"} <= set(report["meta"])
   assert set(report["variants"]) == {"no_save", "sync", "async"}
   for name, entry in report["variants"].items():
@@ -196,13 +190,7 @@ def test_render_provenance_line_names_commit_and_cpu_flags():
 @pytest.fixture(scope="module")
 def compile_time_report(tmp_path_factory) -> dict:
   out = tmp_path_factory.mktemp("bench") / "compile_time_quick.json"
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  result = subprocess.run(
-      [sys.executable, str(COMPILE_TIME), "--quick", "--out", str(out)],
-      capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
-  )
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  return json.loads(out.read_text())
+  return run_benchmark(COMPILE_TIME, out, "--quick")
 
 
 def test_compile_time_quick_mode_writes_every_section(compile_time_report):

@@ -241,7 +241,7 @@ def _weyl_encode(x, count, buffer, leaf_index):
   key = _rounding.stream_key(0, 0, buffer, leaf_index)
   phase = _rounding.random_bits(x.shape, key=key, buffer=buffer)
   bits = phase + count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
-  return (_rounding._round_float32_to_bfloat16(x, bits >> 16),)
+  return (_rounding._stochastic_bfloat16(x, bits >> 16),)
 
 
 WEYL = Codec(

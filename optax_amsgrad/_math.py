@@ -152,8 +152,7 @@ def saturate(g: jax.Array, real_dtype: jnp.dtype) -> jax.Array:
     # lax rather than jnp.where/clip/isinf: their nested jitted functions
     # cost XLA time on every leaf of a large model.
     bound = np.asarray(limit, g.dtype)
-    clipped = lax.clamp(-bound, g, bound)
-    return lax.select(lax.abs(g) == np.asarray(np.inf, g.dtype), g, clipped)
+    return lax.select(lax.is_finite(g), lax.clamp(-bound, g, bound), g)
   magnitude = jnp.abs(g)
   large = (magnitude > limit) & ~jnp.isinf(magnitude)
   # The inner where keeps limit / magnitude finite (and its derivative) where

@@ -71,12 +71,6 @@ _BUFFER_CODES = {"mu": 0, "nu": 1}
 _PART_CODES = {"real": 0, "imag": 2}
 _SEED_SALT = 0x243F6A88
 
-# bfloat16 is float32 with the low 16 bits of the mantissa dropped.
-_BF16_MAX_BITS = 0x7F7F0000  # bit pattern of the largest finite bfloat16
-_F32_INF_BITS = 0x7F800000
-_F32_ABS_MASK = 0x7FFFFFFF
-_F32_SIGN_MASK = 0x80000000
-
 
 def _finfo(dtype: Any) -> Any:
   return jnp.finfo(dtype)  # type: ignore[no-untyped-call]
@@ -221,48 +215,47 @@ def _size(shape: tuple[int, ...]) -> int:
   return size
 
 
-# Marker for round-half-to-even in _round_float32_to_bfloat16.
-_NEAREST_EVEN = None
+# bfloat16 keeps the high 16 bits of a float32: sign, exponent, 7 bits of
+# mantissa. These are float32 bit patterns.
+_BF16_BITS = np.uint32(0xFFFF0000)
+_BF16_MAX_BITS = np.uint32(0x7F7F0000)  # the largest finite bfloat16
+_BF16_SMALLEST_BITS = np.uint32(0x00010000)  # the smallest positive one
+_ABS_BITS = np.uint32(0x7FFFFFFF)
+_SIGN_BITS = np.uint32(0x80000000)
+
+# The rounding to bfloat16 is integer arithmetic on the bits: the bits of a
+# float are its sign and magnitude, and the magnitude's bits are monotone in
+# it across exponents and subnormals, so a carry out of the dropped bits
+# lands on the next bfloat16 away from zero. Float arithmetic would not do:
+# XLA:CPU flushes subnormal operands of float comparisons and clamps to zero.
+# Finite magnitudes beyond the largest bfloat16 are first brought down to it
+# (no carry reaches the infinity pattern); infinities and NaNs are selected
+# past the rounding, and the final conversion is exact for every other value.
 
 
-def _round_float32_to_bfloat16(
-    x: jax.Array, increment: jax.Array | None, *, keep_nonzero: bool = False
-) -> jax.Array:
-  """Adds ``increment`` (< 2**16) to the bits dropped by bfloat16, truncates.
-
-  ``increment=None`` (``_NEAREST_EVEN``) rounds half to even. The bit pattern
-  of a float is monotone in its magnitude across exponents and subnormals, so
-  a carry out of the dropped bits lands on the next bfloat16 up. Integer-only:
-  flush-to-zero of float arithmetic cannot touch subnormals.
-  """
+def _stochastic_bfloat16(x: jax.Array, increment: jax.Array) -> jax.Array:
+  """float32 ``x`` to bfloat16: ``increment`` (uniform below ``2**16``) added
+  to the 16 bits bfloat16 drops, which are then truncated, so the result is
+  the neighbour away from zero with probability equal to the dropped
+  fraction."""
   raw = lax.bitcast_convert_type(x, jnp.uint32)
-  magnitude = raw & _u32(_F32_ABS_MASK)
-  # Finite values above the largest bfloat16 saturate instead of carrying
-  # into the infinity pattern.
-  clamped = lax.min(magnitude, _u32(_BF16_MAX_BITS, magnitude))
-  if increment is None:
-    increment = (clamped >> _u32(16)) & _u32(1)
-    increment = increment + _u32(0x7FFF)
-  rounded = (clamped + increment) & _u32(0xFFFF0000)
-  if keep_nonzero:
-    # The smallest bfloat16 where the magnitude is nonzero: larger ones
-    # round to at least that already.
-    rounded = lax.max(rounded, lax.min(magnitude, _u32(1, magnitude)) << _u32(16))
-  exact = lax.bitcast_convert_type(rounded | (raw & _u32(_F32_SIGN_MASK)), jnp.float32)
-  # The final cast is exact. Infinities and NaNs go through it unchanged. A
-  # real conversion rather than a bitcast of the high half also keeps XLA:CPU
-  # from recomputing the rounding in every consumer of the stored value.
-  finite = magnitude < _u32(_F32_INF_BITS, magnitude)
-  return lax.select(finite, exact, x).astype(jnp.bfloat16)
+  magnitude = lax.min(raw & _ABS_BITS, _BF16_MAX_BITS)
+  rounded = ((magnitude + increment) & _BF16_BITS) | (raw & _SIGN_BITS)
+  rounded_x = lax.bitcast_convert_type(rounded, jnp.float32)
+  return lax.select(lax.is_finite(x), rounded_x, x).astype(jnp.bfloat16)
 
 
-def _u32(value: int, like: jax.Array | None = None) -> Any:
-  """A uint32 constant: a NumPy scalar, or broadcast to ``like``'s shape where
-  a lax operation needs equal shapes. Constants from NumPy are literals of
-  the traced program; ``jnp.uint32`` would make a device array each call."""
-  if like is None:
-    return np.uint32(value)
-  return lax.full_like(like, value, jnp.uint32)
+def _nearest_nonzero_bfloat16(x: jax.Array) -> jax.Array:
+  """float32 ``x`` to bfloat16 rounded half to even, except that a nonzero
+  value never becomes zero: magnitudes below the smallest positive bfloat16
+  are raised to it, which the rounding then keeps (it is monotone, and the
+  larger magnitudes round to at least that already)."""
+  raw = lax.bitcast_convert_type(x, jnp.uint32)
+  magnitude = lax.min(raw & _ABS_BITS, _BF16_MAX_BITS)
+  lifted = lax.max(magnitude, lax.min(magnitude, np.uint32(1)) * _BF16_SMALLEST_BITS)
+  lifted_x = lax.bitcast_convert_type(lifted | (raw & _SIGN_BITS), jnp.float32)
+  # The conversion rounds half to even (on the bits: subnormals too).
+  return lax.select(lax.is_finite(x), lifted_x, x).astype(jnp.bfloat16)
 
 
 def _round_generic(
@@ -374,7 +367,7 @@ def store(
     bits = random_bits(x.shape, key=keys.of(buffer, part), buffer=buffer, part=part,
                        index=index)
     if value.dtype == jnp.float32 and real_storage == jnp.bfloat16:
-      parts.append(_round_float32_to_bfloat16(value, bits >> 16))
+      parts.append(_stochastic_bfloat16(value, bits >> 16))
     else:
       parts.append(_round_generic(value, real_storage, mode="stochastic", bits=bits))
   return _from_parts(parts, storage_dtype)
@@ -433,7 +426,7 @@ def store_max(
   parts = []
   for _, value in _real_parts(x):
     if value.dtype == jnp.float32 and real_storage == jnp.bfloat16:
-      parts.append(_round_float32_to_bfloat16(value, _NEAREST_EVEN, keep_nonzero=True))
+      parts.append(_nearest_nonzero_bfloat16(value))
     else:
       parts.append(_round_generic(value, real_storage, mode="nearest"))
   return _from_parts(parts, storage_dtype)

@@ -383,6 +383,13 @@ def test_nu_max_rounds_to_nearest_and_never_to_zero():
   stored = _as_float64(_rounding.store_max(jnp.asarray(x), jnp.bfloat16,
                                            stochastic=True))
   np.testing.assert_array_equal(stored, _round_nearest(x, ml_dtypes.bfloat16))
+  # float32 subnormals below half the smallest bfloat16 (9.2e-41) round to
+  # nearest as zero; the maximum keeps the smallest one, with its sign.
+  tiny = np.array([1e-45, 4e-41, -4e-41, 7e-41], np.float32)
+  smallest = float(np.nextafter(ml_dtypes.bfloat16(0), ml_dtypes.bfloat16(1)))
+  stored = _as_float64(_rounding.store_max(jnp.asarray(tiny), jnp.bfloat16,
+                                           stochastic=True))
+  np.testing.assert_array_equal(stored, [smallest, smallest, -smallest, smallest])
   # The plain-cast mode is a plain cast.
   plain = _as_float64(_rounding.store_max(jnp.asarray(x), jnp.float16,
                                           stochastic=False))

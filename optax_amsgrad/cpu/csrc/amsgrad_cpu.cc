@@ -115,9 +115,10 @@ AMSGRAD_INLINE BFloat16 NearestBFloat16(float x) {
   return static_cast<BFloat16>(bits >> 16);
 }
 
-// _rounding._round_float32_to_bfloat16 for |x| at most the largest finite
-// bfloat16, or infinite, or NaN, as every moment is (gradients are saturated
-// at sqrt(float32 max) / 2, so |m| <= 9.2e18 and v, v_max <= 8.5e37 < 3.4e38):
+// _rounding._stochastic_bfloat16 and _nearest_nonzero_bfloat16 for |x| at
+// most the largest finite bfloat16, or infinite, or NaN, as every moment is
+// (gradients are saturated at sqrt(float32 max) / 2, so |m| <= 9.2e18 and
+// v, v_max <= 8.5e37 < 3.4e38):
 // adds `increment` (or the round-half-to-even increment) to the 16 dropped
 // bits and truncates. A carry lands on the next bfloat16 up, never past the
 // largest finite one, and infinities keep their bits; so the XLA path's

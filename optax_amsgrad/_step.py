@@ -15,7 +15,7 @@ class _Recipe(NamedTuple):
   """What ``amsgrad``/``amsgradw`` chained, for :func:`apply_step`; ``flat``
   when wrapped in ``flatten_by_dtype``."""
 
-  appliers: _transform.Appliers
+  core: _transform.AmsgradUpdate
   learning_rate: optax.ScalarOrSchedule
   weight_decay: jax.typing.ArrayLike | None
   mask: Any
@@ -58,7 +58,7 @@ def one_pass(
   then ``scale_by_learning_rate(learning_rate)``, with an update that says
   so."""
   assert isinstance(core.update, _transform.AmsgradUpdate)
-  recipe = _Recipe(core.update.appliers, learning_rate, weight_decay, mask)
+  recipe = _Recipe(core.update, learning_rate, weight_decay, mask)
   return optax.GradientTransformationExtraArgs(solver.init, OnePassUpdate(solver.update, recipe))
 
 
@@ -158,7 +158,7 @@ def apply_step(
       weight_decay=0.0 if recipe.weight_decay is None else recipe.weight_decay,
       decay=_decay_tree(recipe, params),
   )
-  apply = recipe.appliers.flat if recipe.flat else recipe.appliers.tree
+  apply = recipe.core.apply_flat if recipe.flat else recipe.core.apply
   result = apply(grads, core_state, params, applying)
   if result is None:
     return _two_calls(solver, grads, state, params)

@@ -46,38 +46,44 @@ class ScaleByAmsgradState(NamedTuple):
 
 
 class Applying(NamedTuple):
-  """How a step moves the params (see :class:`Appliers`)."""
+  """How a step moves the params: ``p + step_size * (u + weight_decay * p)``,
+  the decay where ``decay`` (a tree of bools shaped like the params)."""
 
   step_size: jax.typing.ArrayLike
   weight_decay: jax.typing.ArrayLike
-  # A tree of bools shaped like the params: where the weight decay applies.
   decay: Any
 
 
-class Appliers(NamedTuple):
-  """A ``scale_by_amsgrad``'s update followed by ``p + step_size * (u +
-  weight_decay * p)`` (the decay where ``applying.decay``), as
-  ``(grads, state, params, applying) -> (params, state)``: ``tree`` for its
-  own state, in one pass per leaf group where the CPU handler covers it;
-  ``flat`` for a state built by ``flatten_by_dtype`` (one flat buffer per
-  dtype), which returns None where that one-pass path does not apply."""
+class Options(NamedTuple):
+  """A :func:`scale_by_amsgrad`'s hyperparameters and state storage,
+  validated."""
 
-  tree: Callable[..., tuple[optax.Params, ScaleByAmsgradState]]
-  flat: Callable[..., tuple[optax.Params, ScaleByAmsgradState] | None]
+  b1: ScalarOrSchedule
+  b2: jax.typing.ArrayLike
+  eps: jax.typing.ArrayLike
+  eps_root: jax.typing.ArrayLike
+  convention: Convention
+  mu_dtype: jnp.dtype | None
+  nu_dtype: jnp.dtype | None
+  stochastic: bool
+  seed: int
+
+  @property
+  def split_complex(self) -> bool:
+    """Complex params under ``"pytorch"`` keep one second moment per real
+    coordinate, stored as the real and imaginary parts of a complex ``nu``,
+    as PyTorch does."""
+    return self.convention == "pytorch"
 
 
 class AmsgradUpdate:
   """The update function of a :func:`scale_by_amsgrad`, called as Optax calls
-  any update; it also carries the transformation's :class:`Appliers`, which
-  ``apply_step`` finds by this type."""
+  any update. It carries the transformation's :class:`Options`, and
+  ``apply_step`` finds by this type the two ways it also steps the params:
+  :meth:`apply` and :meth:`apply_flat`."""
 
-  def __init__(
-      self,
-      update: Callable[..., tuple[optax.Updates, ScaleByAmsgradState]],
-      appliers: Appliers,
-  ) -> None:
-    self._update = update
-    self.appliers = appliers
+  def __init__(self, options: Options) -> None:
+    self.options = options
 
   def __call__(
       self,
@@ -85,14 +91,39 @@ class AmsgradUpdate:
       state: ScaleByAmsgradState,
       params: optax.Params | None = None,
   ) -> tuple[optax.Updates, ScaleByAmsgradState]:
-    return self._update(updates, state, params)
+    del params
+    return _step(self.options, updates, state, None, None)
+
+  def apply(
+      self,
+      grads: optax.Updates,
+      state: ScaleByAmsgradState,
+      params: optax.Params,
+      applying: Applying,
+  ) -> tuple[optax.Params, ScaleByAmsgradState]:
+    """The params after the update and ``applying``, and the new state, in
+    one pass per leaf group where the CPU kernel covers it."""
+    return _step(self.options, grads, state, params, applying)
+
+  def apply_flat(
+      self,
+      grads: optax.Updates,
+      state: ScaleByAmsgradState,
+      params: optax.Params,
+      applying: Applying,
+  ) -> tuple[optax.Params, ScaleByAmsgradState] | None:
+    """:meth:`apply` for a state made on ``ravel_by_dtype(params)`` (by
+    ``flatten_by_dtype``): one pass over the leaves of each dtype and their
+    flat state with the CPU kernel; None where that path does not apply (the
+    caller then takes ``update`` and ``apply_updates``)."""
+    return _apply_flat(self.options, grads, state, params, applying)
 
 
 @functools.partial(jax.jit, static_argnames=("stochastic", "split_complex", "decay"))
 def _xla_leaf(
     moment_coefficients: _math.MomentCoefficients,
     direction: _math.Direction,
-    step_scalars: tuple[jax.Array, jax.Array] | None,
+    stepping: tuple[jax.Array, jax.Array] | None,
     g: jax.Array,
     p: jax.Array | None,
     m: jax.Array,
@@ -109,9 +140,9 @@ def _xla_leaf(
   lowered once, and called; XLA inlines the calls."""
   rounding = _math.Rounding(stochastic, keys)
   if p is not None:
-    assert step_scalars is not None
+    assert stepping is not None
     return _math.xla_stepped(
-        moment_coefficients, direction, _math.Step(*step_scalars, decay), g, p, m, v, v_max,
+        moment_coefficients, direction, _math.Step(*stepping, decay), g, p, m, v, v_max,
         rounding=rounding, split_complex=split_complex,
     )
   stored = _math.xla_stored(
@@ -209,188 +240,169 @@ def scale_by_amsgrad(
   _validation.check_unit_interval("b2", b2)
   _validation.check_non_negative("eps", eps)
   _validation.check_non_negative("eps_root", eps_root)
-  mu_storage_dtype = _validation.resolve_storage_dtype("mu_dtype", mu_dtype)
-  nu_storage_dtype = _validation.resolve_storage_dtype("nu_dtype", nu_dtype)
+  mu_storage = _validation.resolve_storage_dtype("mu_dtype", mu_dtype)
+  nu_storage = _validation.resolve_storage_dtype("nu_dtype", nu_dtype)
   _validation.check_state_rounding(state_rounding)
   _validation.check_seed(seed)
-  # Complex params under "pytorch" keep one second moment per real coordinate,
-  # stored as the real and imaginary parts of a complex nu, as PyTorch does.
-  split_complex = convention == "pytorch"
-
-  def mu_storage(param_dtype: jnp.dtype) -> jnp.dtype:
-    if mu_storage_dtype is None:
-      return param_dtype
-    if jnp.issubdtype(param_dtype, jnp.complexfloating):
-      # The dtype names a precision; the first moment of complex params is
-      # complex.
-      return jnp.promote_types(mu_storage_dtype, jnp.complex64)
-    return _math.real_dtype(mu_storage_dtype)
-
-  def nu_storage(param_dtype: jnp.dtype) -> jnp.dtype:
-    # float16 cannot hold |g|**2 for |g| > 256, so its moments default to
-    # float32; bfloat16 has float32's range.
-    default = jnp.float32 if param_dtype == jnp.float16 else param_dtype
-    dtype = nu_storage_dtype if nu_storage_dtype is not None else jnp.dtype(default)
-    if split_complex and jnp.issubdtype(param_dtype, jnp.complexfloating):
-      return jnp.promote_types(dtype, jnp.complex64)
-    return _math.real_dtype(dtype)
+  options = Options(b1, b2, eps, eps_root, convention, mu_storage, nu_storage,
+                    stochastic=state_rounding == "stochastic", seed=seed)
 
   def init_fn(params: optax.Params) -> ScaleByAmsgradState:
     _validation.check_params_dtypes(params, what="params")
 
-    def zeros(storage: Callable[[jnp.dtype], jnp.dtype]) -> optax.Updates:
-      return jax.tree.map(
-          lambda p: _placement.zeros_like(p, storage(jnp.result_type(p))), params
-      )
+    def zeros(which: int) -> optax.Updates:
+      return jax.tree.map(lambda p: _placement.zeros_like(
+          p, _storage_dtypes(options, jnp.result_type(p))[which]), params)
 
     return ScaleByAmsgradState(
         count=_placement.scalar_zeros(params, jnp.int32),
-        mu=zeros(mu_storage),
-        nu=zeros(nu_storage),
-        nu_max=zeros(nu_storage),
+        mu=zeros(0),
+        nu=zeros(1),
+        nu_max=zeros(1),
     )
 
-  def step_scalars(
-      state: ScaleByAmsgradState, grads: optax.Updates
-  ) -> tuple[jax.Array, Callable[[jnp.dtype], tuple[Any, Any]]]:
-    """The step count after this step and, by param dtype, the step's
-    scalars (computed once per compute dtype)."""
-    _validation.check_decays_representable({"b1": b1, "b2": b2}, grads)
-    count = optax.safe_increment(state.count)
-    # resolve_b1 passes whatever a schedule returns through jnp.asarray.
-    b1_checked: Any = b1
-    b1_t = _validation.resolve_b1(b1_checked, state.count)
-    by_dtype: dict[jnp.dtype, tuple[Any, Any]] = {}
+  return optax.GradientTransformation(init_fn, AmsgradUpdate(options))
 
-    def scalars(param_dtype: jnp.dtype) -> tuple[Any, Any]:
-      dtype = _math.compute_dtypes(param_dtype)[1]
-      if dtype not in by_dtype:
-        by_dtype[dtype] = _math.coefficients(convention, dtype, count, b1_t, b2, eps, eps_root)
-      return by_dtype[dtype]
 
-    return count, scalars
+def _storage_dtypes(options: Options, param_dtype: jnp.dtype) -> tuple[jnp.dtype, jnp.dtype]:
+  """The dtypes of ``mu`` and of ``nu`` and ``nu_max`` for params of
+  ``param_dtype``."""
+  if options.mu_dtype is None:
+    mu = param_dtype
+  elif jnp.issubdtype(param_dtype, jnp.complexfloating):
+    # The dtype names a precision; the first moment of complex params is
+    # complex.
+    mu = jnp.promote_types(options.mu_dtype, jnp.complex64)
+  else:
+    mu = _math.real_dtype(options.mu_dtype)
+  # float16 cannot hold |g|**2 for |g| > 256, so its moments default to
+  # float32; bfloat16 has float32's range.
+  nu = options.nu_dtype if options.nu_dtype is not None else jnp.dtype(
+      jnp.float32 if param_dtype == jnp.float16 else param_dtype)
+  if options.split_complex and jnp.issubdtype(param_dtype, jnp.complexfloating):
+    nu = jnp.promote_types(nu, jnp.complex64)
+  else:
+    nu = _math.real_dtype(nu)
+  return mu, nu
 
-  def step_fn(
-      updates: optax.Updates,
-      state: ScaleByAmsgradState,
-      params: optax.Params | None,
-      applying: Applying | None,
-  ) -> tuple[optax.Updates, ScaleByAmsgradState]:
-    """The updates and new state or, with ``applying``, the params after the
-    step and the new state."""
-    _validation.check_state(state, ScaleByAmsgradState, name="scale_by_amsgrad")
-    updates = _validation.check_updates_match_state(
-        updates, state.mu, name="scale_by_amsgrad"
+
+def _step_scalars(
+    options: Options, state: ScaleByAmsgradState, grads: optax.Updates
+) -> tuple[jax.Array, Callable[[jnp.dtype], tuple[Any, Any]]]:
+  """The step count after this step and, by param dtype, the step's scalars
+  (computed once per compute dtype)."""
+  _validation.check_decays_representable({"b1": options.b1, "b2": options.b2}, grads)
+  count = optax.safe_increment(state.count)
+  # resolve_b1 passes whatever a schedule returns through jnp.asarray.
+  b1: Any = options.b1
+  b1_t = _validation.resolve_b1(b1, state.count)
+  by_dtype: dict[jnp.dtype, tuple[Any, Any]] = {}
+
+  def scalars(param_dtype: jnp.dtype) -> tuple[Any, Any]:
+    dtype = _math.compute_dtypes(param_dtype)[1]
+    if dtype not in by_dtype:
+      by_dtype[dtype] = _math.coefficients(
+          options.convention, dtype, count, b1_t, options.b2, options.eps, options.eps_root)
+    return by_dtype[dtype]
+
+  return count, scalars
+
+
+def _step(
+    options: Options,
+    updates: optax.Updates,
+    state: ScaleByAmsgradState,
+    params: optax.Params | None,
+    applying: Applying | None,
+) -> tuple[optax.Updates, ScaleByAmsgradState]:
+  """The updates and new state or, with ``applying``, the params after the
+  step and the new state: each leaf by XLA (:func:`_xla_leaf`), or by the CPU
+  kernel where it is in use."""
+  _validation.check_state(state, ScaleByAmsgradState, name="scale_by_amsgrad")
+  updates = _validation.check_updates_match_state(updates, state.mu, name="scale_by_amsgrad")
+  count, parts = _step_scalars(options, state, updates)
+  seed = jnp.uint32(options.seed)
+  g_leaves, treedef_ = jax.tree.flatten(updates)
+  # PyTreeDef's stubs lack flatten_up_to and unflatten.
+  treedef: Any = treedef_
+  m_leaves, v_leaves, v_max_leaves = (
+      treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.nu_max)
+  )
+  if applying is not None:
+    p_leaves = treedef.flatten_up_to(params)
+    decays = [bool(x) for x in treedef.flatten_up_to(applying.decay)]
+    stepping = (jnp.asarray(applying.step_size), jnp.asarray(applying.weight_decay))
+  else:
+    p_leaves = [None] * len(g_leaves)
+    decays = [False] * len(g_leaves)
+    stepping = None
+  leaves = [
+      cpu.Leaf(*leaf) for leaf in
+      zip(g_leaves, p_leaves, m_leaves, v_leaves, v_max_leaves, decays, strict=True)
+  ]
+  tree_keys: list[_rounding.StreamKeys] = []
+
+  def stream_keys(i: int) -> _rounding.StreamKeys:
+    """Leaf ``i``'s stream keys, those of every leaf made at the first call."""
+    if not tree_keys:
+      tree_keys.extend(_rounding.tree_stream_keys(
+          seed, count, range(len(leaves)),
+          complex_parts=any(jnp.iscomplexobj(leaf.g) for leaf in leaves),
+      ))
+    return tree_keys[i]
+
+  def xla_leaf(i: int) -> tuple[jax.Array, ...]:
+    """(new params or updates, m, v, v_max) of leaf ``i``, by XLA."""
+    g, p, m, v, v_max, decay = leaves[i]
+    moment_coefficients, direction = parts(g.dtype)
+    narrowing = options.stochastic and any(
+        _rounding.is_narrowing(_math.compute_dtypes(g.dtype)[1], x.dtype) for x in (m, v))
+    stepped: tuple[jax.Array, ...] = _xla_leaf(
+        moment_coefficients, direction, stepping, g, p, m, v, v_max,
+        stream_keys(i) if narrowing else None,
+        stochastic=options.stochastic, split_complex=options.split_complex, decay=decay,
     )
-    count, parts = step_scalars(state, updates)
-    seed_bits = jnp.uint32(seed)
-    stochastic = state_rounding == "stochastic"
-    g_leaves, treedef_ = jax.tree.flatten(updates)
-    # PyTreeDef's stubs lack flatten_up_to and unflatten.
-    treedef: Any = treedef_
-    m_leaves, v_leaves, v_max_leaves = (
-        treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.nu_max)
+    return stepped
+
+  if cpu.in_use():
+    results = cpu.step_leaves(
+        leaves, parts, stepping, stochastic=options.stochastic, seed=seed, count=count,
+        xla_leaf=xla_leaf,
     )
-    if applying is not None:
-      p_leaves = treedef.flatten_up_to(params)
-      decays = [bool(x) for x in treedef.flatten_up_to(applying.decay)]
-      step_size = jnp.asarray(applying.step_size)
-      weight_decay = jnp.asarray(applying.weight_decay)
-    else:
-      p_leaves = [None] * len(g_leaves)
-      decays = [False] * len(g_leaves)
+  else:
+    results = [xla_leaf(i) for i in range(len(leaves))]
+  new_updates, new_mu, new_nu, new_nu_max = (
+      treedef.unflatten([r[k] for r in results]) for k in range(4)
+  )
+  return new_updates, ScaleByAmsgradState(count=count, mu=new_mu, nu=new_nu, nu_max=new_nu_max)
 
-    leaves = [
-        cpu.Leaf(*leaf) for leaf in
-        zip(g_leaves, p_leaves, m_leaves, v_leaves, v_max_leaves, decays, strict=True)
-    ]
 
-    tree_keys: list[_rounding.StreamKeys] = []
-
-    def stream_keys(i: int) -> _rounding.StreamKeys:
-      """Leaf ``i``'s stream keys, those of every leaf made at the first call."""
-      if not tree_keys:
-        tree_keys.extend(_rounding.tree_stream_keys(
-            seed_bits, count, range(len(leaves)),
-            complex_parts=any(jnp.iscomplexobj(leaf.g) for leaf in leaves),
-        ))
-      return tree_keys[i]
-
-    def xla_leaf(i: int) -> tuple[jax.Array, ...]:
-      """(new params or updates, m, v, v_max) of leaf ``i``, by XLA."""
-      g, p, m, v, v_max, decay = leaves[i]
-      moment_coefficients, direction = parts(g.dtype)
-      narrowing = stochastic and any(
-          _rounding.is_narrowing(_math.compute_dtypes(g.dtype)[1], x.dtype) for x in (m, v))
-      stepped: tuple[jax.Array, ...] = _xla_leaf(
-          moment_coefficients, direction,
-          None if p is None else (step_size, weight_decay),
-          g, p, m, v, v_max, stream_keys(i) if narrowing else None,
-          stochastic=stochastic, split_complex=split_complex, decay=decay,
-      )
-      return stepped
-
-    if cpu.in_use():
-      results = cpu.step_leaves(
-          leaves, parts, None if applying is None else (step_size, weight_decay),
-          stochastic=stochastic, seed=seed_bits, count=count, xla_leaf=xla_leaf,
-      )
-    else:
-      results = [xla_leaf(i) for i in range(len(leaves))]
-    new_updates, new_mu, new_nu, new_nu_max = (
-        treedef.unflatten([r[k] for r in results]) for k in range(4)
-    )
-    return new_updates, ScaleByAmsgradState(
-        count=count, mu=new_mu, nu=new_nu, nu_max=new_nu_max
-    )
-
-  def update_fn(
-      updates: optax.Updates,
-      state: ScaleByAmsgradState,
-      params: optax.Params | None = None,
-  ) -> tuple[optax.Updates, ScaleByAmsgradState]:
-    del params
-    return step_fn(updates, state, None, None)
-
-  def apply_fn(
-      grads: optax.Updates,
-      state: ScaleByAmsgradState,
-      params: optax.Params,
-      applying: Applying,
-  ) -> tuple[optax.Params, ScaleByAmsgradState]:
-    return step_fn(grads, state, params, applying)
-
-  def flat_apply_fn(
-      grads: optax.Updates,
-      state: ScaleByAmsgradState,
-      params: optax.Params,
-      applying: Applying,
-  ) -> tuple[optax.Params, ScaleByAmsgradState] | None:
-    """``apply_fn`` for a state made on ``ravel_by_dtype(params)`` (by
-    ``flatten_by_dtype``): one pass over the leaves of each dtype and their
-    flat state on XLA:CPU. None where that path does not apply (the caller
-    then takes ``update`` and ``apply_updates``)."""
-    _validation.check_state(state, ScaleByAmsgradState, name="scale_by_amsgrad")
-    # One weight-decay flag for every leaf (a mask goes outside the flat
-    # layout).
-    decays = {bool(x) for x in jax.tree.leaves(applying.decay)}
-    if not cpu.in_use() or len(decays) > 1 or not isinstance(state.mu, dict):
-      return None
-    g_leaves, treedef = jax.tree.flatten(grads)
-    count, parts = step_scalars(state, grads)
-    stepped = cpu.step_flat(
-        g_leaves, treedef.flatten_up_to(params),  # type: ignore[attr-defined]
-        (state.mu, state.nu, state.nu_max), parts,
-        (jnp.asarray(applying.step_size), jnp.asarray(applying.weight_decay)),
-        decay=next(iter(decays), False), stochastic=state_rounding == "stochastic",
-        seed=jnp.uint32(seed), count=count,
-    )
-    if stepped is None:
-      return None
-    new_params, (mu, nu, nu_max) = stepped
-    return treedef.unflatten(new_params), ScaleByAmsgradState(  # type: ignore[attr-defined]
-        count=count, mu=mu, nu=nu, nu_max=nu_max
-    )
-
-  appliers = Appliers(tree=apply_fn, flat=flat_apply_fn)
-  return optax.GradientTransformation(init_fn, AmsgradUpdate(update_fn, appliers))
+def _apply_flat(
+    options: Options,
+    grads: optax.Updates,
+    state: ScaleByAmsgradState,
+    params: optax.Params,
+    applying: Applying,
+) -> tuple[optax.Params, ScaleByAmsgradState] | None:
+  """:meth:`AmsgradUpdate.apply_flat`."""
+  _validation.check_state(state, ScaleByAmsgradState, name="scale_by_amsgrad")
+  # One weight-decay flag for every leaf (a mask goes outside the flat
+  # layout).
+  decays = {bool(x) for x in jax.tree.leaves(applying.decay)}
+  if not cpu.in_use() or len(decays) > 1 or not isinstance(state.mu, dict):
+    return None
+  g_leaves, treedef = jax.tree.flatten(grads)
+  count, parts = _step_scalars(options, state, grads)
+  stepped = cpu.step_flat(
+      g_leaves, treedef.flatten_up_to(params),  # type: ignore[attr-defined]
+      (state.mu, state.nu, state.nu_max), parts,
+      (jnp.asarray(applying.step_size), jnp.asarray(applying.weight_decay)),
+      decay=next(iter(decays), False), stochastic=options.stochastic,
+      seed=jnp.uint32(options.seed), count=count,
+  )
+  if stepped is None:
+    return None
+  new_params, (mu, nu, nu_max) = stepped
+  return treedef.unflatten(new_params), ScaleByAmsgradState(  # type: ignore[attr-defined]
+      count=count, mu=mu, nu=nu, nu_max=nu_max
+  )

@@ -233,7 +233,7 @@ AMSGRAD_INLINE void RowImpl(const C* k, const uint32_t* keys, const Leaf<G, M, V
       stored_v_max = Store<V, C>::template Moment<false>(new_v_max, 0);
     }
     if (kApply) {
-      // _transform._update from the stored moments, then the chain of
+      // _math.update_from_stored from the stored moments, then the chain of
       // amsgrad/amsgradw: add_decayed_weights, scale_by_learning_rate and
       // apply_updates, each rounded in the params' dtype (== C here).
       const C m_u = Load<M, C>(&stored_m, 0), v_max_u = Load<V, C>(&stored_v_max, 0);

@@ -449,6 +449,63 @@ def test_float32_subnormals_round_to_bfloat16_subnormals():
   _assert_unbiased(float(x), ml_dtypes.bfloat16, y)
 
 
+def _float32_bit_patterns() -> np.ndarray:
+  """Random float32 bit patterns of every kind, the subnormals up past the
+  smallest bfloat16, the largest bfloat16 and the values beyond it, and the
+  special values, each with both signs."""
+  rng = np.random.default_rng(0)
+  bits = np.concatenate([
+      rng.integers(0, 2**31, 100_000, dtype=np.uint32),
+      np.arange(0x30000, dtype=np.uint32),
+      np.array([0x3F800000, 0x3F808000, 0x3F818000, 0x7F7F0000, 0x7F7F7FFF,
+                0x7F7F8000, 0x7F7FFFFF, 0x7F800000, 0x7FC00000, 0x7F800001], np.uint32),
+  ])
+  return np.concatenate([bits, bits | np.uint32(0x80000000)]).view(np.float32)
+
+
+def _assert_same_bfloat16(y: jax.Array, expected: np.ndarray, x: np.ndarray):
+  got = np.asarray(jax.device_get(y))
+  nan = np.isnan(x)
+  assert np.all(np.isnan(got[nan].astype(np.float64)))
+  wrong = np.flatnonzero(got[~nan].view(np.uint16) != expected[~nan].view(np.uint16))
+  assert wrong.size == 0, [(float(x[~nan][i]), float(got[~nan][i]), float(expected[~nan][i]))
+                           for i in wrong[:5]]
+
+
+def test_bfloat16_roundings_bit_for_bit_against_numpy():
+  # Every kind of float32, with random increments: the stochastic rounding
+  # takes the neighbour away from zero exactly when the increment reaches
+  # the part of the gap below |x| (in units of 2**-16 of the gap); the
+  # maximum's rounding is NumPy's half-to-even cast, nonzero kept nonzero;
+  # finite values beyond the largest bfloat16 saturate.
+  x = _float32_bit_patterns()
+  increment = np.random.default_rng(1).integers(0, 2**16, x.size, dtype=np.uint32)
+  largest = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+  smallest = float(np.nextafter(ml_dtypes.bfloat16(0), ml_dtypes.bfloat16(1)))
+  finite = np.isfinite(x)
+  x64 = np.where(finite, x, 0.0).astype(np.float64)
+  saturated = np.abs(x64) > largest
+  lower, upper = _neighbours(np.clip(x64, -largest, largest), ml_dtypes.bfloat16)
+  toward_zero = np.where(x64 > 0, lower, upper)
+  away = np.where(x64 > 0, upper, lower)
+  gap = np.abs(away - toward_zero)
+  below = np.round(np.abs(x64 - toward_zero) / np.where(gap > 0, gap, 1) * 2**16)
+  stochastic = np.where(increment + below >= 2**16, away, toward_zero)
+  stochastic = np.where(saturated, np.sign(x64) * largest, stochastic)
+  stochastic = np.where(finite, stochastic, x).astype(ml_dtypes.bfloat16)
+  _assert_same_bfloat16(
+      jax.jit(_rounding._stochastic_bfloat16)(jnp.asarray(x), jnp.asarray(increment)),
+      stochastic, x)
+
+  with np.errstate(over="ignore"):
+    nearest = x64.astype(ml_dtypes.bfloat16).astype(np.float64)
+  nearest = np.where(saturated, np.sign(x64) * largest, nearest)
+  nearest = np.where(finite & (nearest == 0) & (x64 != 0), np.sign(x64) * smallest, nearest)
+  nearest = np.where(finite, nearest, x).astype(ml_dtypes.bfloat16)
+  _assert_same_bfloat16(
+      jax.jit(_rounding._nearest_nonzero_bfloat16)(jnp.asarray(x)), nearest, x)
+
+
 # ----------------------------------------------------------------------------
 # Through the optimizer.
 # ----------------------------------------------------------------------------

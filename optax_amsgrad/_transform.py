@@ -250,40 +250,38 @@ def scale_by_amsgrad(
   def init_fn(params: optax.Params) -> ScaleByAmsgradState:
     _validation.check_params_dtypes(params, what="params")
 
-    def zeros(which: int) -> optax.Updates:
+    def zeros(buffer: str) -> optax.Updates:
       return jax.tree.map(lambda p: _placement.zeros_like(
-          p, _storage_dtypes(options, jnp.result_type(p))[which]), params)
+          p, _storage_dtype(options, buffer, jnp.result_type(p))), params)
 
     return ScaleByAmsgradState(
         count=_placement.scalar_zeros(params, jnp.int32),
-        mu=zeros(0),
-        nu=zeros(1),
-        nu_max=zeros(1),
+        mu=zeros("mu"),
+        nu=zeros("nu"),
+        nu_max=zeros("nu"),
     )
 
   return optax.GradientTransformation(init_fn, AmsgradUpdate(options))
 
 
-def _storage_dtypes(options: Options, param_dtype: jnp.dtype) -> tuple[jnp.dtype, jnp.dtype]:
-  """The dtypes of ``mu`` and of ``nu`` and ``nu_max`` for params of
-  ``param_dtype``."""
-  if options.mu_dtype is None:
-    mu = param_dtype
-  elif jnp.issubdtype(param_dtype, jnp.complexfloating):
+def _storage_dtype(options: Options, buffer: str, param_dtype: jnp.dtype) -> jnp.dtype:
+  """The dtype of ``buffer`` (``"mu"``, or ``"nu"`` for ``nu`` and
+  ``nu_max``) for params of ``param_dtype``."""
+  complex_params = jnp.issubdtype(param_dtype, jnp.complexfloating)
+  if buffer == "mu":
+    if options.mu_dtype is None:
+      return param_dtype
     # The dtype names a precision; the first moment of complex params is
     # complex.
-    mu = jnp.promote_types(options.mu_dtype, jnp.complex64)
-  else:
-    mu = _math.real_dtype(options.mu_dtype)
+    return (jnp.promote_types(options.mu_dtype, jnp.complex64) if complex_params
+            else _math.real_dtype(options.mu_dtype))
   # float16 cannot hold |g|**2 for |g| > 256, so its moments default to
   # float32; bfloat16 has float32's range.
   nu = options.nu_dtype if options.nu_dtype is not None else jnp.dtype(
       jnp.float32 if param_dtype == jnp.float16 else param_dtype)
-  if options.split_complex and jnp.issubdtype(param_dtype, jnp.complexfloating):
-    nu = jnp.promote_types(nu, jnp.complex64)
-  else:
-    nu = _math.real_dtype(nu)
-  return mu, nu
+  if options.split_complex and complex_params:
+    return jnp.promote_types(nu, jnp.complex64)
+  return _math.real_dtype(nu)
 
 
 def _step_scalars(

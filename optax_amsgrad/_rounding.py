@@ -49,7 +49,7 @@ in the input are stored as they are.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -223,39 +223,42 @@ _BF16_SMALLEST_BITS = np.uint32(0x00010000)  # the smallest positive one
 _ABS_BITS = np.uint32(0x7FFFFFFF)
 _SIGN_BITS = np.uint32(0x80000000)
 
-# The rounding to bfloat16 is integer arithmetic on the bits: the bits of a
-# float are its sign and magnitude, and the magnitude's bits are monotone in
-# it across exponents and subnormals, so a carry out of the dropped bits
-# lands on the next bfloat16 away from zero. Float arithmetic would not do:
-# XLA:CPU flushes subnormal operands of float comparisons and clamps to zero.
-# Finite magnitudes beyond the largest bfloat16 are first brought down to it
-# (no carry reaches the infinity pattern); infinities and NaNs are selected
-# past the rounding, and the final conversion is exact for every other value.
+
+def _to_bfloat16(x: jax.Array, round_magnitude: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """float32 ``x`` to bfloat16, ``round_magnitude`` choosing the bfloat16
+  magnitude from the bits of ``|x|``.
+
+  Integer arithmetic on the bits: the bits of a float are its sign and
+  magnitude, and the magnitude's bits are monotone in it across exponents
+  and subnormals, so a carry out of the dropped bits lands on the next
+  bfloat16 away from zero. Float arithmetic would not do: XLA:CPU flushes
+  subnormal operands of float comparisons and clamps to zero. Finite
+  magnitudes beyond the largest bfloat16 are first brought down to it (no
+  carry reaches the infinity pattern); infinities and NaNs are selected past
+  the rounding.
+  """
+  raw = lax.bitcast_convert_type(x, jnp.uint32)
+  magnitude = lax.min(raw & _ABS_BITS, _BF16_MAX_BITS)
+  signed = lax.bitcast_convert_type(round_magnitude(magnitude) | (raw & _SIGN_BITS), jnp.float32)
+  return lax.select(lax.is_finite(x), signed, x).astype(jnp.bfloat16)
 
 
 def _stochastic_bfloat16(x: jax.Array, increment: jax.Array) -> jax.Array:
   """float32 ``x`` to bfloat16: ``increment`` (uniform below ``2**16``) added
   to the 16 bits bfloat16 drops, which are then truncated, so the result is
   the neighbour away from zero with probability equal to the dropped
-  fraction."""
-  raw = lax.bitcast_convert_type(x, jnp.uint32)
-  magnitude = lax.min(raw & _ABS_BITS, _BF16_MAX_BITS)
-  rounded = ((magnitude + increment) & _BF16_BITS) | (raw & _SIGN_BITS)
-  rounded_x = lax.bitcast_convert_type(rounded, jnp.float32)
-  return lax.select(lax.is_finite(x), rounded_x, x).astype(jnp.bfloat16)
+  fraction. The final conversion is exact."""
+  return _to_bfloat16(x, lambda magnitude: (magnitude + increment) & _BF16_BITS)
 
 
 def _nearest_nonzero_bfloat16(x: jax.Array) -> jax.Array:
   """float32 ``x`` to bfloat16 rounded half to even, except that a nonzero
   value never becomes zero: magnitudes below the smallest positive bfloat16
   are raised to it, which the rounding then keeps (it is monotone, and the
-  larger magnitudes round to at least that already)."""
-  raw = lax.bitcast_convert_type(x, jnp.uint32)
-  magnitude = lax.min(raw & _ABS_BITS, _BF16_MAX_BITS)
-  lifted = lax.max(magnitude, lax.min(magnitude, np.uint32(1)) * _BF16_SMALLEST_BITS)
-  lifted_x = lax.bitcast_convert_type(lifted | (raw & _SIGN_BITS), jnp.float32)
-  # The conversion rounds half to even (on the bits: subnormals too).
-  return lax.select(lax.is_finite(x), lifted_x, x).astype(jnp.bfloat16)
+  larger magnitudes round to at least that already). The final conversion
+  rounds half to even (on the bits: subnormals too)."""
+  return _to_bfloat16(x, lambda magnitude: lax.max(
+      magnitude, lax.min(magnitude, np.uint32(1)) * _BF16_SMALLEST_BITS))
 
 
 def _round_generic(

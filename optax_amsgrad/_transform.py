@@ -53,6 +53,10 @@ class Applying(NamedTuple):
   weight_decay: jax.typing.ArrayLike
   decay: Any
 
+  def scalars(self) -> tuple[jax.Array, jax.Array]:
+    """``(step_size, weight_decay)`` as arrays."""
+    return jnp.asarray(self.step_size), jnp.asarray(self.weight_decay)
+
 
 class Options(NamedTuple):
   """A :func:`scale_by_amsgrad`'s hyperparameters and state storage,
@@ -329,7 +333,7 @@ def _step(
   if applying is not None:
     p_leaves = treedef.flatten_up_to(params)
     decays = [bool(x) for x in treedef.flatten_up_to(applying.decay)]
-    stepping = (jnp.asarray(applying.step_size), jnp.asarray(applying.weight_decay))
+    stepping = applying.scalars()
   else:
     p_leaves = [None] * len(g_leaves)
     decays = [False] * len(g_leaves)
@@ -394,7 +398,7 @@ def _apply_flat(
   stepped = cpu.step_flat(
       g_leaves, treedef.flatten_up_to(params),  # type: ignore[attr-defined]
       (state.mu, state.nu, state.nu_max), parts,
-      (jnp.asarray(applying.step_size), jnp.asarray(applying.weight_decay)),
+      applying.scalars(),
       decay=next(iter(decays), False), stochastic=options.stochastic,
       seed=jnp.uint32(options.seed), count=count,
   )

@@ -11,6 +11,7 @@ import optax
 from optax_amsgrad import _placement, _step, _validation
 from optax_amsgrad._transform import (
     Convention,
+    Implementation,
     ScalarOrSchedule,
     StateRounding,
     scale_by_amsgrad,
@@ -29,6 +30,7 @@ def amsgrad(
     nu_dtype: jax.typing.DTypeLike | None = None,
     state_rounding: StateRounding = "stochastic",
     seed: int = 0,
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformation:
   """The AMSGrad optimizer (Reddi, Kale and Kumar, 2018).
 
@@ -66,6 +68,9 @@ def amsgrad(
     nu_dtype: storage dtype of the second moment and its maximum.
     state_rounding: ``"stochastic"`` or ``"nearest"`` for narrow storage.
     seed: seed of the stochastic rounding.
+    implementation: ``"xla"``, ``"cpu"`` (the CPU kernel) or None (the kernel
+      where it was built and the backend is the CPU); see
+      :func:`scale_by_amsgrad`.
 
   Returns:
     An :class:`optax.GradientTransformation`.
@@ -85,6 +90,7 @@ def amsgrad(
       nu_dtype=nu_dtype,
       state_rounding=state_rounding,
       seed=seed,
+      implementation=implementation,
   )
   solver = optax.chain(core, optax.scale_by_learning_rate(learning_rate))
   return _step.one_pass(_placement.with_placed_init(solver), core, learning_rate)
@@ -104,6 +110,7 @@ def amsgradw(
     nu_dtype: jax.typing.DTypeLike | None = None,
     state_rounding: StateRounding = "stochastic",
     seed: int = 0,
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformation:
   """AMSGrad with decoupled weight decay, as ``torch.optim.AdamW(amsgrad=True)``.
 
@@ -140,6 +147,9 @@ def amsgradw(
     nu_dtype: storage dtype of the second moment and its maximum.
     state_rounding: ``"stochastic"`` or ``"nearest"`` for narrow storage.
     seed: seed of the stochastic rounding.
+    implementation: ``"xla"``, ``"cpu"`` (the CPU kernel) or None (the kernel
+      where it was built and the backend is the CPU); see
+      :func:`scale_by_amsgrad`.
 
   Returns:
     An :class:`optax.GradientTransformation`.
@@ -162,6 +172,7 @@ def amsgradw(
       nu_dtype=nu_dtype,
       state_rounding=state_rounding,
       seed=seed,
+      implementation=implementation,
   )
   solver = optax.chain(
       core,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_amsgrad import _step
+from optax_amsgrad import _step, cpu
 
 
 class FlatState(NamedTuple):
@@ -122,6 +122,8 @@ def unravel_by_dtype(flat: dict[str, jax.Array], like: Any) -> Any:
 
 def flatten_by_dtype(
     inner: optax.GradientTransformation,
+    *,
+    implementation: cpu.Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Runs ``inner`` on one contiguous 1-D buffer per dtype.
 
@@ -181,6 +183,12 @@ def flatten_by_dtype(
   Args:
     inner: the transformation to run on the flat buffers, for example
       :func:`optax_amsgrad.amsgrad` or :func:`optax_amsgrad.scale_by_amsgrad`.
+    implementation: the path of :func:`optax_amsgrad.apply_step`'s single
+      pass over the flat state: ``"cpu"``, the CPU kernel (an error where it
+      was not built or ``inner`` was built with ``implementation="xla"``);
+      ``"xla"``, ``inner``'s update and ``apply_updates``; ``None``, whatever
+      ``inner`` was built with. ``inner``'s own ``update`` keeps its own
+      implementation.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -211,4 +219,5 @@ def flatten_by_dtype(
     return unravel_by_dtype(flat_updates, updates), FlatState(inner_state)
 
   # apply_step takes one pass over the leaves and the flat state.
-  return optax.GradientTransformationExtraArgs(init_fn, _step.flat_update(update_fn, original))
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _step.flat_update(update_fn, original, implementation))

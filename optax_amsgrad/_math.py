@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from optax_amsgrad import _rounding
+from optax_amsgrad import _dtypes, _rounding
 
 
 class MomentCoefficients(NamedTuple):
@@ -192,13 +192,9 @@ def apply_step(u: jax.Array, p: jax.Array, step: Step) -> jax.Array:
   return jnp.asarray(p + u).astype(p.dtype)
 
 
-def real_dtype(dtype: jnp.dtype) -> jnp.dtype:
-  return jnp.finfo(dtype).dtype  # type: ignore[no-untyped-call]
-
-
 def compute_dtypes(param_dtype: jnp.dtype) -> tuple[jnp.dtype, jnp.dtype]:
   """(dtype of m and the update, real dtype of v): at least float32."""
-  real = jnp.promote_types(real_dtype(param_dtype), jnp.float32)
+  real = jnp.promote_types(_dtypes.real_dtype(param_dtype), jnp.float32)
   if jnp.issubdtype(param_dtype, jnp.complexfloating):
     return jnp.promote_types(real, jnp.complex64), real
   return real, real

@@ -50,12 +50,14 @@ in the input are stored as they are.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from optax_amsgrad import _dtypes
 
 # Odd multipliers 2**32 * frac(r) for quadratic irrationals r (bounded
 # continued-fraction terms, hence evenly spread multiples): the golden ratio
@@ -70,10 +72,6 @@ _BUFFER_CODES = {"mu": 0, "nu": 1}
 # The real and imaginary parts of a complex moment get separate streams.
 _PART_CODES = {"real": 0, "imag": 2}
 _SEED_SALT = 0x243F6A88
-
-
-def _finfo(dtype: Any) -> Any:
-  return jnp.finfo(dtype)  # type: ignore[no-untyped-call]
 
 
 def mix32(h: jax.Array) -> jax.Array:
@@ -274,7 +272,7 @@ def _round_generic(
   the nearest value with probability ``|x - nearest| / gap``; ``"nearest"``
   rounds to nearest but never turns a nonzero value into zero.
   """
-  largest = jnp.asarray(_finfo(dtype).max, x.dtype)
+  largest = jnp.asarray(_dtypes.finfo(dtype).max, x.dtype)
   clamped = jnp.clip(x, -largest, largest)
   nearest = clamped.astype(dtype)
   if mode == "nearest":
@@ -301,8 +299,8 @@ def _round_generic(
 
 def is_narrowing(compute_dtype: jnp.dtype, storage_dtype: jnp.dtype) -> bool:
   """True when storing in ``storage_dtype`` loses mantissa bits."""
-  compute = _finfo(compute_dtype)
-  storage = _finfo(storage_dtype)
+  compute = _dtypes.finfo(compute_dtype)
+  storage = _dtypes.finfo(storage_dtype)
   return bool(storage.nmant < compute.nmant)
 
 
@@ -364,7 +362,7 @@ def store(
     return x.astype(storage_dtype)
   if keys is None:
     raise ValueError(f"stochastic rounding of {buffer} to {storage_dtype} needs stream keys")
-  real_storage = _finfo(storage_dtype).dtype
+  real_storage = _dtypes.finfo(storage_dtype).dtype
   parts = []
   for part, value in _real_parts(x):
     bits = random_bits(x.shape, key=keys.of(buffer, part), buffer=buffer, part=part,
@@ -425,7 +423,7 @@ def store_max(
                       jnp.maximum(x.imag, scaled.imag))
     else:
       x = jnp.maximum(x, floor * scale)
-  real_storage = _finfo(storage_dtype).dtype
+  real_storage = _dtypes.finfo(storage_dtype).dtype
   parts = []
   for _, value in _real_parts(x):
     if value.dtype == jnp.float32 and real_storage == jnp.bfloat16:

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from optax_amsgrad import _transform
+from optax_amsgrad import _transform, cpu
 
 
 class _Recipe(NamedTuple):
@@ -63,14 +63,27 @@ def one_pass(
 
 
 def flat_update(
-    update: Callable[..., Any], inner: optax.GradientTransformation
+    update: Callable[..., Any],
+    inner: optax.GradientTransformation,
+    implementation: cpu.Implementation | None,
 ) -> Callable[..., Any]:
-  """The update of ``flatten_by_dtype(inner)``: a :class:`OnePassUpdate` when
-  ``inner`` was made by ``amsgrad``/``amsgradw`` without a mask (a mask would
-  see the flat buffers, not the params), ``update`` itself otherwise."""
-  if isinstance(inner.update, OnePassUpdate) and inner.update.recipe.mask is None:
-    return OnePassUpdate(update, inner.update.recipe._replace(flat=True))
-  return update
+  """The update of ``flatten_by_dtype(inner, implementation=...)``: a
+  :class:`OnePassUpdate` when ``inner`` was made by ``amsgrad``/``amsgradw``
+  without a mask (a mask would see the flat buffers, not the params) and the
+  one pass takes the CPU kernel, ``update`` itself otherwise."""
+  chosen = None if implementation is None else cpu.choose(implementation)
+  if not isinstance(inner.update, OnePassUpdate) or inner.update.recipe.mask is not None:
+    return update
+  recipe = inner.update.recipe
+  if chosen == "cpu" and recipe.core.options.implementation != "cpu":
+    raise ValueError(
+        "flatten_by_dtype(implementation='cpu') wraps an optimizer built with "
+        "implementation='xla': its one pass could not take the kernel. Build the "
+        "wrapped optimizer with implementation='cpu' (or None)."
+    )
+  if chosen == "xla":
+    return update
+  return OnePassUpdate(update, recipe._replace(flat=True))
 
 
 def _decay_tree(recipe: _Recipe, params: optax.Params) -> Any:
@@ -102,14 +115,27 @@ def apply_step(
     params = optax.apply_updates(params, updates)
 
   For a solver made by :func:`amsgrad` or :func:`amsgradw` (not wrapped, or
-  wrapped only in :func:`flatten_by_dtype` without a mask), on CPU, each
-  float32 or float64 leaf is updated in one pass over memory: the moments,
-  the update and the params together (36 bytes per float32 param, the least
-  an AMSGrad step can move, against 44 through ``update`` and
-  ``apply_updates``). The result is that of the two calls above to within
-  one rounding per operation (XLA may fuse a multiply and an add that the
-  one-pass kernel rounds separately). Any other solver, leaf or platform
-  takes the two calls.
+  wrapped only in :func:`flatten_by_dtype` without a mask) with
+  ``implementation="cpu"`` (the default on CPU where the kernel was built),
+  each float32 or float64 leaf is updated in one pass over memory: the
+  moments, the update and the params together (36 bytes per float32 param,
+  the least an AMSGrad step can move, against 44 through ``update`` and
+  ``apply_updates``). Everywhere else (``implementation="xla"``, GPUs and
+  TPUs, other solvers) it is exactly the two calls above, and returns their
+  bits.
+
+  What the kernel returns: every operation rounded as written in the update
+  and in Optax's ``add_decayed_weights``, ``scale_by_learning_rate`` and
+  ``apply_updates``. That is the result of ``update`` and ``apply_updates``
+  compiled as separate functions: bit for bit with a constant learning rate
+  and no weight decay, and otherwise within one unit in the last place of
+  the params (XLA fuses the decay and the schedule's scale its own way).
+  Compiled together in one function, XLA may fold the learning rate into
+  the bias correction, so their results and the kernel's then differ by a
+  few roundings of the step, as any two XLA programs of the same arithmetic
+  may. Leaves the kernel does not cover
+  (float16, bfloat16 and complex params) take the arithmetic of ``update``
+  and ``apply_updates`` in the same pass.
 
   Examples:
     >>> import jax
@@ -146,6 +172,9 @@ def apply_step(
   if not isinstance(solver.update, OnePassUpdate):
     return _two_calls(solver, grads, state, params)
   recipe = solver.update.recipe
+  if recipe.core.options.implementation != "cpu":
+    # XLA fuses the two calls by itself; taking them keeps the same bits.
+    return _two_calls(solver, grads, state, params)
   chain_state = state.inner_state if recipe.flat else state
   core_state, *middle, rate_state = chain_state
   learning_rate = recipe.learning_rate

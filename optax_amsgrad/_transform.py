@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_amsgrad import _math, _placement, _rounding, _validation, cpu
+from optax_amsgrad import _dtypes, _math, _placement, _rounding, _validation, cpu
 
 Convention = Literal["pytorch", "keras", "optax", "paper"]
+Implementation = cpu.Implementation
 StateRounding = Literal["stochastic", "nearest"]
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike]
 
@@ -71,6 +72,7 @@ class Options(NamedTuple):
   nu_dtype: jnp.dtype | None
   stochastic: bool
   seed: int
+  implementation: cpu.Implementation
 
   @property
   def split_complex(self) -> bool:
@@ -168,6 +170,7 @@ def scale_by_amsgrad(
     nu_dtype: jax.typing.DTypeLike | None = None,
     state_rounding: StateRounding = "stochastic",
     seed: int = 0,
+    implementation: cpu.Implementation | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by the AMSGrad rule of Reddi, Kale and Kumar (2018).
 
@@ -230,6 +233,16 @@ def scale_by_amsgrad(
       non-decreasing maximum.
     seed: seed of the stochastic rounding; the random bits are derived from it
       and the step count, so the state carries no key.
+    implementation: which code runs the step, chosen when the transformation
+      is built, as ``jax.nn.dot_product_attention`` chooses: ``"xla"``, plain
+      JAX that XLA compiles for any platform (what GPUs and TPUs run);
+      ``"cpu"``, the compiled one-pass CPU kernel, for the leaves it covers
+      (an error where it was not built; lowered for another platform, for
+      example by ``jax.export``, the step takes XLA's path there); ``None``,
+      the kernel where it was built and the default backend is the CPU, XLA
+      elsewhere. ``OPTAX_AMSGRAD_CPU_KERNEL=0`` in the environment makes
+      ``None`` mean ``"xla"``; it is read here, not when the step is traced.
+      The two agree to a rounding per operation.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
@@ -249,7 +262,8 @@ def scale_by_amsgrad(
   _validation.check_state_rounding(state_rounding)
   _validation.check_seed(seed)
   options = Options(b1, b2, eps, eps_root, convention, mu_storage, nu_storage,
-                    stochastic=state_rounding == "stochastic", seed=seed)
+                    stochastic=state_rounding == "stochastic", seed=seed,
+                    implementation=cpu.choose(implementation))
 
   def init_fn(params: optax.Params) -> ScaleByAmsgradState:
     _validation.check_params_dtypes(params, what="params")
@@ -278,14 +292,14 @@ def _storage_dtype(options: Options, buffer: str, param_dtype: jnp.dtype) -> jnp
     # The dtype names a precision; the first moment of complex params is
     # complex.
     return (jnp.promote_types(options.mu_dtype, jnp.complex64) if complex_params
-            else _math.real_dtype(options.mu_dtype))
+            else _dtypes.real_dtype(options.mu_dtype))
   # float16 cannot hold |g|**2 for |g| > 256, so its moments default to
   # float32; bfloat16 has float32's range.
   nu = options.nu_dtype if options.nu_dtype is not None else jnp.dtype(
       jnp.float32 if param_dtype == jnp.float16 else param_dtype)
   if options.split_complex and complex_params:
     return jnp.promote_types(nu, jnp.complex64)
-  return _math.real_dtype(nu)
+  return _dtypes.real_dtype(nu)
 
 
 def _step_scalars(
@@ -366,7 +380,7 @@ def _step(
     )
     return stepped
 
-  if cpu.in_use():
+  if options.implementation == "cpu":
     results = cpu.step_leaves(
         leaves, parts, stepping, stochastic=options.stochastic, seed=seed, count=count,
         xla_leaf=xla_leaf,
@@ -391,7 +405,7 @@ def _apply_flat(
   # One weight-decay flag for every leaf (a mask goes outside the flat
   # layout).
   decays = {bool(x) for x in jax.tree.leaves(applying.decay)}
-  if not cpu.in_use() or len(decays) > 1 or not isinstance(state.mu, dict):
+  if options.implementation != "cpu" or len(decays) > 1 or not isinstance(state.mu, dict):
     return None
   g_leaves, treedef = jax.tree.flatten(grads)
   count, parts = _step_scalars(options, state, grads)

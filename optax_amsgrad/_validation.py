@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_amsgrad import _dtypes
+
 CONVENTIONS = ("pytorch", "keras", "optax", "paper")
 STATE_ROUNDINGS = ("stochastic", "nearest")
 
@@ -27,15 +29,6 @@ _FLOAT32_MAXEXP = int(np.finfo(np.float32).maxexp)
 
 # How many differing paths a message lists before it stops.
 _MAX_LISTED = 5
-
-
-def _real_dtype(dtype: Any) -> np.dtype:
-  """float32 for complex64, the dtype itself for real ones (bfloat16 too)."""
-  resolved: np.dtype = np.dtype(dtype)
-  if np.issubdtype(resolved, np.complexfloating):
-    real: np.dtype = np.finfo(resolved).dtype
-    return real
-  return resolved
 
 
 def path_name(path: tuple[Any, ...]) -> str:
@@ -245,7 +238,7 @@ def resolve_storage_dtype(name: str, dtype: Any) -> jnp.dtype | None:
     raise TypeError(
         f"{name} must be a floating-point or complex dtype; got {resolved}."
     )
-  storage_info = jnp.finfo(_real_dtype(resolved))  # type: ignore[no-untyped-call]
+  storage_info = _dtypes.finfo(resolved)
   largest = float(storage_info.max)
   if name == "nu_dtype" and int(storage_info.maxexp) < _FLOAT32_MAXEXP:
     raise ValueError(
@@ -265,7 +258,7 @@ def check_decays_representable(
   decay at all (and ``1 - b2**t`` computed from it is 0)."""
   compute_dtypes: dict[jnp.dtype, str] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
-    real = _real_dtype(jnp.result_type(leaf))
+    real = _dtypes.real_dtype(jnp.result_type(leaf))
     compute = jnp.dtype(jnp.promote_types(real, jnp.float32))
     compute_dtypes.setdefault(compute, path_name(path))
   for name, value in decays.items():

@@ -13,6 +13,8 @@ from gradients import TREE_SHAPES, initial_params, spiky_gradients
 from reference import run_reference
 from trajectories import max_relative_difference, run_optax
 
+pytestmark = pytest.mark.both_modes
+
 SHAPES = TREE_SHAPES["mixed"]
 
 

@@ -24,7 +24,6 @@ import pytest
 import optax_amsgrad
 
 from gradients import TREE_SHAPES, initial_params, spiky_gradients
-from kernel_paths import xla_path
 from reference import run_reference
 from trajectories import CONVENTIONS, max_relative_difference, run_optax, scaled
 
@@ -57,11 +56,11 @@ def test_handler_is_built_and_registered():
     ],
 )
 def test_handler_is_used_for_the_dtypes_it_covers(param_dtype, options, uses_kernel):
-  solver = optax_amsgrad.scale_by_amsgrad(**options)
   params = {"w": jnp.ones((7, 3), param_dtype)}
-  assert (TARGET in _compiled_text(solver, params)) == uses_kernel
-  with xla_path():
-    assert TARGET not in _compiled_text(solver, params)
+  kernel = optax_amsgrad.scale_by_amsgrad(**options, implementation="cpu")
+  assert (TARGET in _compiled_text(kernel, params)) == uses_kernel
+  xla = optax_amsgrad.scale_by_amsgrad(**options, implementation="xla")
+  assert TARGET not in _compiled_text(xla, params)
 
 
 def _as64(x) -> np.ndarray:
@@ -122,14 +121,15 @@ def test_handler_matches_the_xla_path_step_by_step(convention, param_dtype, opti
   # with narrow storage by one storage step where a rounding decision flips,
   # which must be rare. Infinities and NaN land in the same places.
   b1, b2 = 0.9, 0.999
-  solver = optax_amsgrad.scale_by_amsgrad(b1, b2, convention=convention, **options)
+  solver = optax_amsgrad.scale_by_amsgrad(b1, b2, convention=convention, **options,
+                                          implementation="cpu")
+  xla = optax_amsgrad.scale_by_amsgrad(b1, b2, convention=convention, **options,
+                                       implementation="xla")
   shape = (300, 257)
   rng = np.random.default_rng(0)
   state = solver.init(jnp.zeros(shape, param_dtype))
   kernel_step = jax.jit(lambda g, state: solver.update(g, state))
-  with xla_path():
-    xla_step = jax.jit(lambda g, state: solver.update(g, state)).lower(
-        jnp.zeros(shape, param_dtype), state).compile()
+  xla_step = jax.jit(lambda g, state: xla.update(g, state))
   compute = jnp.promote_types(param_dtype, jnp.float32)
   limit = np.sqrt(float(jnp.finfo(compute).max)) / 2
   for step in range(6):
@@ -170,11 +170,9 @@ def test_both_paths_follow_the_reference_in_float64(convention):
   grads = spiky_gradients(shapes, 300, seed=11)
   params = initial_params(shapes)
   expected = run_reference(grads, params, learning_rate=1e-2, convention=convention)
-  assert max_relative_difference(run_optax(scaled(convention), grads, params),
-                                 expected) < 1e-12
-  with xla_path():
-    actual = run_optax(scaled(convention), grads, params)
-  assert max_relative_difference(actual, expected) < 1e-12
+  for implementation in ("cpu", "xla"):
+    actual = run_optax(scaled(convention, implementation=implementation), grads, params)
+    assert max_relative_difference(actual, expected) < 1e-12, implementation
 
 
 def test_nu_max_stays_a_running_maximum_of_the_stored_nu_in_bfloat16():
@@ -272,7 +270,8 @@ def test_results_do_not_depend_on_timing_or_concurrent_calls(options):
   # Large leaves are cut into blocks claimed by the caller and XLA's pool,
   # whose threads may start late or be busy with another call, and the
   # caller spins for the last blocks. Every way gives the same bits.
-  solver = optax_amsgrad.amsgradw(1e-2, weight_decay=1e-2, **options)
+  solver = optax_amsgrad.amsgradw(1e-2, weight_decay=1e-2, **options,
+                                   implementation="cpu")
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(1000, 300)), jnp.float32),
             "b": jnp.asarray(rng.normal(size=(70_001,)), jnp.float32)}
@@ -310,9 +309,9 @@ def test_results_do_not_depend_on_timing_or_concurrent_calls(options):
     for a, b in zip(jax.tree.leaves(back_to_back), jax.tree.leaves(other), strict=True):
       assert _identical(a, b).all()
   if not options:
-    with xla_path():
-      xla_step = jax.jit(two_steps)
-      expected, _ = _run_steps(xla_step, params, solver.init(params), grads, [0.0] * 8)
+    solver = optax_amsgrad.amsgradw(1e-2, weight_decay=1e-2, implementation="xla")
+    xla_step = jax.jit(two_steps)
+    expected, _ = _run_steps(xla_step, params, solver.init(params), grads, [0.0] * 8)
     # A rounding of p and of the update (lr 1e-2) per step apart, at most.
     for name in params:
       np.testing.assert_allclose(back_to_back[0][name], expected[name], rtol=1e-6, atol=1e-8)

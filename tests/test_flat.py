@@ -25,9 +25,10 @@ from optax_amsgrad._flat import (
 )
 
 from gradients import TREE_SHAPES, initial_params, spiky_gradients
-from kernel_paths import xla_path
 from reference import ReferenceAmsgrad, run_reference
 from trajectories import CONVENTIONS, max_relative_difference, run_optax, scaled
+
+pytestmark = pytest.mark.both_modes
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
@@ -285,9 +286,8 @@ def test_compiled_step_has_few_kernels_per_leaf():
     return sum(" fusion(" in line or " custom-call(" in line
                for line in entry.splitlines())
 
-  with xla_path():
-    tree = fusions(optax_amsgrad.amsgrad(1e-3))
-    flat = fusions(flatten_by_dtype(optax_amsgrad.amsgrad(1e-3)))
+  tree = fusions(optax_amsgrad.amsgrad(1e-3, implementation="xla"))
+  flat = fusions(flatten_by_dtype(optax_amsgrad.amsgrad(1e-3, implementation="xla")))
   assert tree >= 3 * len(params)
   assert flat <= len(params) + 10
   assert fusions(optax_amsgrad.amsgrad(1e-3)) <= len(params) + 10

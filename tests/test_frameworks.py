@@ -14,6 +14,8 @@ import pytest
 
 import optax_amsgrad
 
+pytestmark = pytest.mark.both_modes
+
 LEARNING_RATE = 1e-2
 STEPS = 60
 # The final loss must be below this fraction of the initial loss.

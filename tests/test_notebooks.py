@@ -77,7 +77,7 @@ def test_notebook_is_colab_ready_and_committed_with_outputs(name):
 def execute(name):
   pytest.importorskip("nbclient")
   if absent := missing(["ipykernel", *REQUIREMENTS[name]]):
-    pytest.skip(f"{name} needs {', '.join(absent)}")
+    pytest.skip(f"{name} needs {', '.join(absent)}, which is not installed")
   from nbclient import NotebookClient
 
   notebook = read(name)

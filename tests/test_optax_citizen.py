@@ -4,7 +4,6 @@ switch, ``jax.export`` to every platform and ``shard_map``."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -23,8 +22,9 @@ from scale_out.launch import run_script
 
 import optax_amsgrad
 
-from kernel_paths import SWITCH, xla_path
 from training_loops import JITTED_INIT, OPTIMIZERS, compiles_over_a_loop, init
+
+SWITCH = "OPTAX_AMSGRAD_CPU_KERNEL"
 
 HERE = Path(__file__).resolve().parent
 PLACEMENTS = ("uncommitted", "one_device")
@@ -160,23 +160,68 @@ needs_kernel = pytest.mark.skipif(
 
 @needs_kernel
 @pytest.mark.parametrize("make_step", [train_step, apply_step])
-def test_switch_turns_the_kernel_off(monkeypatch, make_step):
-  solver = optax_amsgrad.amsgrad(1e-2)
+def test_the_implementation_is_chosen_when_the_solver_is_built(monkeypatch, make_step):
   params = params_placed("uncommitted")
-  args = (params, solver.init(params), params)
+  monkeypatch.setenv(SWITCH, "1")
+  kernel = optax_amsgrad.amsgrad(1e-2)
+  monkeypatch.setenv(SWITCH, "0")
+  plain = optax_amsgrad.amsgrad(1e-2)
+  # The switch sets the default when a solver is built; tracing later, with
+  # the environment changed again, does not read it.
   monkeypatch.setenv(SWITCH, "1")
   assert optax_amsgrad.cpu_kernel_available()
-  assert kernel_calls(make_step(solver), *args) > 0
+  assert kernel_calls(make_step(plain), params, plain.init(params), params) == 0
   monkeypatch.setenv(SWITCH, "0")
-  assert not optax_amsgrad.cpu_kernel_available()
-  assert kernel_calls(make_step(solver), *args) == 0
+  assert kernel_calls(make_step(kernel), params, kernel.init(params), params) > 0
+  # An explicit choice is not the environment's.
+  explicit = optax_amsgrad.amsgrad(1e-2, implementation="cpu")
+  assert kernel_calls(make_step(explicit), params, explicit.init(params), params) > 0
+
+
+@needs_kernel
+def test_a_jitted_step_keeps_the_implementation_it_was_built_with(monkeypatch):
+  params = params_placed("uncommitted")
+  traces = []
+  for implementation in ("cpu", "xla"):
+    solver = optax_amsgrad.amsgrad(1e-2, implementation=implementation)
+
+    def step(params, state, grads, solver=solver):
+      traces.append(None)
+      return train_step(solver)(params, state, grads)
+
+    jitted = jax.jit(step)
+    args = (params, solver.init(params), params)
+    before = jitted.lower(*args).as_text()
+    jitted(*args)
+    monkeypatch.setenv(SWITCH, "0" if implementation == "cpu" else "1")
+    jitted(*args)
+    after = jitted.lower(*args).as_text()
+    monkeypatch.delenv(SWITCH)
+    assert before == after
+    assert ("optax_amsgrad_" in after) == (implementation == "cpu")
+  # Each jitted step traced once for its call and lowerings: no retrace
+  # when the environment changed.
+  assert len(traces) == 2
+
+
+def test_implementation_choices_are_checked(monkeypatch):
+  for make in (optax_amsgrad.scale_by_amsgrad, lambda **k: optax_amsgrad.amsgrad(1e-2, **k),
+               lambda **k: optax_amsgrad.amsgradw(1e-2, **k),
+               lambda **k: optax_amsgrad.flatten_by_dtype(optax_amsgrad.amsgrad(1e-2), **k)):
+    with pytest.raises(ValueError, match="implementation must be one of 'xla', 'cpu' or None"):
+      make(implementation="gpu")
+  monkeypatch.setattr(optax_amsgrad.cpu, "available", lambda: False)
+  with pytest.raises(ValueError, match="CPU kernel of optax_amsgrad was not built"):
+    optax_amsgrad.amsgrad(1e-2, implementation="cpu")
+  # None falls back to XLA where the kernel is missing.
+  assert optax_amsgrad.amsgrad(1e-2).update.recipe.core.options.implementation == "xla"
 
 
 SOLVERS = {
-    "float32_state": lambda: optax_amsgrad.amsgrad(1e-2),
-    "bfloat16_state": lambda: optax_amsgrad.amsgrad(
-        1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
-    "flat": lambda: optax_amsgrad.flatten_by_dtype(optax_amsgrad.amsgradw(1e-2)),
+    "float32_state": lambda **k: optax_amsgrad.amsgrad(1e-2, **k),
+    "bfloat16_state": lambda **k: optax_amsgrad.amsgrad(
+        1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16, **k),
+    "flat": lambda **k: optax_amsgrad.flatten_by_dtype(optax_amsgrad.amsgradw(1e-2, **k)),
 }
 
 
@@ -202,31 +247,34 @@ def test_a_train_step_exports_for_accelerators(solver, make_step, platforms):
 
 @pytest.mark.parametrize("make_step", [train_step, apply_step])
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
-def test_with_the_switch_a_train_step_exports_for_every_platform(
-    monkeypatch, solver, make_step):
+def test_on_the_xla_path_a_train_step_exports_for_every_platform(solver, make_step):
   platforms = ("cpu", "cuda", "tpu")
-  monkeypatch.setenv(SWITCH, "0")
-  step, args, treedef = exported(make_step, SOLVERS[solver](), platforms)
+  xla = SOLVERS[solver](implementation="xla")
+  step, args, treedef = exported(make_step, xla, platforms)
   restored = export.deserialize(step.serialize())
   assert restored.platforms == platforms
   # Run here, on the CPU: the step of the plain program.
-  with xla_path():
-    expected = jax.jit(make_step(SOLVERS[solver]()))(*jax.tree.unflatten(treedef, args))
+  expected = jax.jit(make_step(xla))(*jax.tree.unflatten(treedef, args))
   chex.assert_trees_all_equal(restored.call(*args), jax.tree.leaves(expected))
 
 
+def test_the_switch_sets_the_default_for_export(monkeypatch):
+  monkeypatch.setenv(SWITCH, "0")
+  step, _, _ = exported(train_step, SOLVERS["float32_state"](), ("cpu", "cuda", "tpu"))
+  assert step.platforms == ("cpu", "cuda", "tpu")
+
+
 @needs_kernel
-def test_without_the_switch_exporting_for_cpu_names_the_kernel(monkeypatch):
-  monkeypatch.setenv(SWITCH, "1")
+def test_with_the_kernel_exporting_for_cpu_names_the_kernel():
   with pytest.raises(ValueError, match="custom calls"):
-    exported(train_step, SOLVERS["float32_state"](), ("cpu", "cuda", "tpu"))
+    exported(train_step, SOLVERS["float32_state"](implementation="cpu"),
+             ("cpu", "cuda", "tpu"))
 
 
 @pytest.mark.parametrize("platforms", [("cpu",), ("cuda",)])
-def test_a_shard_mapped_train_step_traces_and_exports(platforms, monkeypatch):
-  # With the kernel built and on: inside shard_map every leaf takes the XLA
-  # path, on every platform.
-  monkeypatch.delenv(SWITCH, raising=False)
+def test_a_shard_mapped_train_step_traces_and_exports(platforms):
+  # With the kernel: inside shard_map every leaf takes the XLA path, on every
+  # platform.
   mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   solver = SOLVERS["bfloat16_state"]()
   params = params_placed("uncommitted")
@@ -242,8 +290,8 @@ def test_a_shard_mapped_train_step_traces_and_exports(platforms, monkeypatch):
   assert step.platforms == platforms
   if platforms == ("cpu",):
     ours = mapped(params, state, params)
-    with xla_path():
-      plain = jax.jit(train_step(SOLVERS["bfloat16_state"]()))(params, state, params)
+    plain_solver = SOLVERS["bfloat16_state"](implementation="xla")
+    plain = jax.jit(train_step(plain_solver))(params, state, params)
     chex.assert_trees_all_close(ours, plain, rtol=1e-6)
     np.testing.assert_array_equal(ours[1][0].count, 1)
 
@@ -332,9 +380,9 @@ def under_cond(solver, params, grads_seq):
 def test_steps_under_a_transformation_follow_the_plain_loop(transform, solver, path):
   params = params_placed("uncommitted")
   grads_seq = gradient_sequence(params)
-  with xla_path() if path == "xla" else contextlib.nullcontext():
-    expected = plain_loop(SOLVERS[solver](), params, grads_seq)
-    actual = transform(SOLVERS[solver](), params, grads_seq)
+  implementation = None if path == "kernel" else "xla"
+  expected = plain_loop(SOLVERS[solver](implementation=implementation), params, grads_seq)
+  actual = transform(SOLVERS[solver](implementation=implementation), params, grads_seq)
   chex.assert_trees_all_equal_structs(actual, expected)
   # XLA fuses a batched or rematerialized step its own way: a rounding of
   # the float32 params per step apart at most. The states' moments follow.

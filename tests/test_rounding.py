@@ -22,6 +22,8 @@ from gradients import TREE_SHAPES, initial_params, spiky_gradients
 from reference import run_reference
 from trajectories import max_relative_difference, run_optax
 
+pytestmark = pytest.mark.both_modes
+
 BF16 = {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}
 CONVENTIONS = ("pytorch", "keras", "optax", "paper")
 

@@ -14,6 +14,8 @@ from gradients import TREE_SHAPES, initial_params, spiky_gradients
 from reference import run_reference
 from trajectories import CONVENTIONS, max_relative_difference, run_optax
 
+pytestmark = pytest.mark.both_modes
+
 STEP_TARGET = "optax_amsgrad_step"
 
 
@@ -159,20 +161,109 @@ def test_one_pass_per_leaf_in_place(solver, one_pass):
   assert compiled.memory_analysis().temp_size_in_bytes < 0.01 * state_bytes
 
 
-def test_complex_and_float16_leaves_take_the_two_calls():
-  params = {"c": jnp.ones((3, 2), jnp.complex64), "h": jnp.ones((4,), jnp.float16),
-            "w": jnp.ones((5,), jnp.float32)}
-  solver = optax_amsgrad.amsgrad(1e-2)
-  compiled, _ = _compiled(solver, params, donate=False)
-  assert compiled.as_text().count(f'custom_call_target="{STEP_TARGET}"') == 1
-  grads = jax.tree.map(lambda x: (x * 0.5).astype(x.dtype), params)
+def _bits(x) -> np.ndarray:
+  """The bits of an array, for comparisons that see signed zeros and NaNs."""
+  x = np.asarray(x)
+  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+
+
+def _trees_identical(a, b) -> bool:
+  return all(np.array_equal(_bits(x), _bits(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+MIXED_DTYPES = {
+    "c": lambda: (jnp.linspace(-1, 2, 6).reshape(3, 2) * (1 + 2j)).astype(jnp.complex64),
+    "h": lambda: jnp.linspace(-1, 2, 40).astype(jnp.float16),
+    "b": lambda: jnp.linspace(-1, 2, 30).astype(jnp.bfloat16),
+    "w": lambda: jnp.linspace(-1, 2, 50).astype(jnp.float32),
+}
+
+
+def _mixed_params(jax_mode):
+  params = {name: make() for name, make in MIXED_DTYPES.items()}
+  if jax_mode == "x64":
+    params["d"] = jnp.linspace(-1, 2, 20, dtype=jnp.float64)
+  return params
+
+
+def _trajectory(solver, params, one_pass, steps=20):
+  """Params and state after ``steps`` jitted steps by apply_step, or by
+  update and apply_updates in one jitted function."""
+  def two_calls(g, s, p):
+    updates, s = solver.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  step = jax.jit(lambda g, s, p: optax_amsgrad.apply_step(solver, g, s, p)) if one_pass \
+      else jax.jit(two_calls)
   state = solver.init(params)
-  fused, _ = optax_amsgrad.apply_step(solver, grads, state, params)
-  updates, _ = solver.update(grads, state, params)
-  separate = optax.apply_updates(params, updates)
-  for name in params:
-    np.testing.assert_allclose(np.asarray(fused[name]), np.asarray(separate[name]),
-                               rtol=1e-3)
+  for t in range(steps):
+    grads = jax.tree.map(
+        lambda x, t=t: (jnp.sin(x.astype(jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32)
+                                * (t + 1)) * 3).astype(x.dtype), params)
+    params, state = step(grads, state, params)
+  return params, state
+
+
+ANY_SOLVER = {
+    "amsgrad": lambda **k: optax_amsgrad.amsgrad(1e-2, **k),
+    "amsgradw_schedule": lambda **k: optax_amsgrad.amsgradw(
+        optax.cosine_decay_schedule(1e-2, 40), weight_decay=0.1, **k),
+    "bfloat16_state": lambda **k: optax_amsgrad.amsgrad(
+        1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16, **k),
+    "flat": lambda **k: optax_amsgrad.flatten_by_dtype(optax_amsgrad.amsgradw(1e-2, **k)),
+}
+
+
+@pytest.mark.parametrize("solver", sorted(ANY_SOLVER))
+def test_on_the_xla_path_apply_step_is_the_two_calls_bit_for_bit(solver, jax_mode):
+  # Every dtype, 20 steps, params and state: the same bits.
+  make = ANY_SOLVER[solver]
+  params = _mixed_params(jax_mode)
+  fused = _trajectory(make(implementation="xla"), params, one_pass=True)
+  separate = _trajectory(make(implementation="xla"), params, one_pass=False)
+  assert _trees_identical(fused, separate)
+
+
+@pytest.mark.parametrize("solver", sorted(ANY_SOLVER))
+def test_leaves_the_kernel_does_not_cover_get_the_two_calls_bits(solver, jax_mode):
+  # float16, bfloat16 and complex params take update's arithmetic in the
+  # kernel's pass.
+  make = ANY_SOLVER[solver]
+  params = {k: v for k, v in _mixed_params(jax_mode).items() if k in ("c", "h", "b")}
+  fused = _trajectory(make(implementation="cpu"), params, one_pass=True)
+  separate = _trajectory(make(implementation="cpu"), params, one_pass=False)
+  assert _trees_identical(fused, separate)
+
+
+@pytest.mark.parametrize(("solver", "most_ulps"), [("amsgrad", 0), ("amsgradw_schedule", 1)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_the_kernel_step_equals_the_two_calls_compiled_apart(solver, most_ulps, dtype,
+                                                             jax_mode):
+  # One step from the same state, over gradients spanning six decades: the
+  # kernel rounds as written, as update and apply_updates do when compiled
+  # as separate functions.
+  if dtype == jnp.float64 and jax_mode == "x32":
+    pytest.skip("float64 params need x64")
+  make = ANY_SOLVER[solver]
+  kernel = make(implementation="cpu")
+  rng = np.random.default_rng(5)
+  n = 50_000
+  p = jnp.asarray(rng.standard_normal(n), dtype)
+  state = kernel.init(p)
+  for _ in range(4):
+    g = jnp.asarray(rng.standard_normal(n) * 10 ** rng.uniform(-3, 3, n), dtype)
+    _, state = jax.jit(kernel.update)(g, state, p)
+  g = jnp.asarray(rng.standard_normal(n) * 10 ** rng.uniform(-3, 3, n), dtype)
+  fused, fused_state = jax.jit(
+      lambda g, s, p: optax_amsgrad.apply_step(kernel, g, s, p))(g, state, p)
+  updates, separate_state = jax.jit(kernel.update)(g, state, p)
+  separate = jax.jit(optax.apply_updates)(p, updates)
+  assert _trees_identical(fused_state, separate_state)
+  as_int = np.dtype(f"i{np.dtype(dtype).itemsize}")
+  ulps = np.abs(np.asarray(fused).view(as_int).astype(np.int64)
+                - np.asarray(separate).view(as_int).astype(np.int64))
+  assert ulps.max() <= most_ulps
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ from gradients import TREE_SHAPES, initial_params, spiky_gradients
 from reference import ReferenceAmsgrad, run_reference
 from trajectories import CONVENTIONS, max_relative_difference, run_optax, scaled
 
+pytestmark = pytest.mark.both_modes
+
 STEPS = 1000
 
 

@@ -17,6 +17,8 @@ from optax_amsgrad import _validation
 
 from reference import ReferenceAmsgrad
 
+pytestmark = pytest.mark.both_modes
+
 
 def _one_step_reference(g, **options) -> np.ndarray:
   return ReferenceAmsgrad(np.shape(g), **options).step(np.asarray(g))

@@ -1,11 +1,11 @@
 """The optional CPU kernel: AMSGrad's step in one pass over memory on XLA:CPU.
 
 ``scale_by_amsgrad`` reaches it through :func:`step_leaves` (and
-:func:`step_flat` for a ``flatten_by_dtype`` state), and only where
-:func:`in_use` says so: the kernel was built, it is not switched off
-(``OPTAX_AMSGRAD_CPU_KERNEL=0``), and the default backend is the CPU.
-Everywhere else, GPUs and TPUs included, the core runs ``_math`` leaf by leaf
-and touches nothing here.
+:func:`step_flat` for a ``flatten_by_dtype`` state), and only when it was
+built with ``implementation="cpu"``, which :func:`choose` picks for ``None``
+where the kernel was built, ``OPTAX_AMSGRAD_CPU_KERNEL`` is not ``0`` and the
+default backend is the CPU. Everywhere else, GPUs and TPUs included, the core
+runs ``_math`` leaf by leaf and touches nothing here.
 
 - ``csrc/amsgrad_cpu.cc``: the handlers, C++ called through the XLA FFI.
 - ``_ffi``: registering and calling them.
@@ -16,8 +16,9 @@ and touches nothing here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast, get_args
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +26,10 @@ import numpy as np
 
 from optax_amsgrad import _math
 from optax_amsgrad.cpu import _rules
-from optax_amsgrad.cpu._ffi import available
+from optax_amsgrad.cpu._ffi import SWITCH, available
 
-__all__ = ["Leaf", "available", "in_use", "step_flat", "step_leaves"]
+__all__ = ["IMPLEMENTATIONS", "Implementation", "Leaf", "available", "choose", "step_flat",
+           "step_leaves"]
 
 # Leaves per handler call: XLA's compile time grows faster than linearly in
 # the operands of one call, and beyond a few dozen leaves one call per leaf
@@ -38,9 +40,34 @@ _LEAVES_PER_CALL = 32
 Scalars = Callable[[jnp.dtype], tuple[_math.MomentCoefficients, _math.Direction]]
 
 
-def in_use() -> bool:
-  """Whether steps traced now may take the kernel."""
-  return available() and jax.default_backend() == "cpu"
+# Which code runs a step: XLA's compilation of ``_math`` (every platform) or
+# the compiled handlers (XLA:CPU).
+Implementation = Literal["xla", "cpu"]
+IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
+
+
+def choose(implementation: object) -> Implementation:
+  """The implementation a transformation built now with ``implementation``
+  takes: ``"cpu"`` and ``"xla"`` as given, ``None`` the kernel where it was
+  built, ``OPTAX_AMSGRAD_CPU_KERNEL`` is not ``0`` and the default backend is
+  the CPU, XLA elsewhere. Read once, when the transformation is built: what
+  is traced later does not depend on the environment."""
+  if implementation is None:
+    switched_off = os.environ.get(SWITCH, "1").strip() == "0"
+    kernel = not switched_off and available() and jax.default_backend() == "cpu"
+    return "cpu" if kernel else "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))} or None; "
+        f"got {implementation!r}."
+    )
+  if implementation == "cpu" and not available():
+    raise ValueError(
+        "implementation='cpu': the CPU kernel of optax_amsgrad was not built (the "
+        "package was installed without a C++17 compiler). Reinstall it with one, or "
+        "use implementation='xla' or None."
+    )
+  return cast(Implementation, implementation)
 
 
 class Leaf(NamedTuple):

@@ -12,7 +12,6 @@ their sharding, vmap and JVP rules; this module registers and calls them.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import jax
@@ -56,31 +55,26 @@ _SUPPORTED = {
 }
 
 
-# Set to "0" to keep the handlers out of this process: every step then takes
-# the XLA path, as on GPUs and TPUs.
+# Set to "0" to make the XLA path the default of ``implementation=None``
+# (read when a transformation is built, see ``optax_amsgrad.cpu.choose``).
 SWITCH = "OPTAX_AMSGRAD_CPU_KERNEL"
 
 
 def available() -> bool:
-  """Whether the compiled CPU handlers are present, registered with XLA and
-  switched on.
+  """Whether the compiled CPU handlers are present and registered with XLA.
 
   They are built when the package is installed with a C++17 compiler at
   hand, and absent otherwise; every step then takes the XLA path, with the
-  same results to within a rounding per operation, only slower on CPU.
-  ``OPTAX_AMSGRAD_CPU_KERNEL=0`` in the environment switches them off: for
-  ``jax.export`` to platforms that include ``"cpu"`` (the handlers' custom
-  calls carry no serialization guarantee), for debugging with the plain JAX
-  program, or for comparing the two paths. It is read when a step is traced;
-  a function jitted before keeps the path it was traced with.
+  same results to within a rounding per operation, only slower on CPU. Which
+  path a transformation takes is its ``implementation`` option (see
+  :func:`optax_amsgrad.scale_by_amsgrad`); this function only says whether
+  ``implementation="cpu"`` can be chosen.
 
   Examples:
     >>> import optax_amsgrad
     >>> optax_amsgrad.cpu_kernel_available()
     True
   """
-  if os.environ.get(SWITCH, "1").strip() == "0":
-    return False
   return _registered()
 
 
@@ -99,7 +93,7 @@ def _registered() -> bool:
 
 def supports(compute: jnp.dtype, g: jnp.dtype, m: jnp.dtype, v: jnp.dtype) -> bool:
   """Whether the handlers cover these dtypes (real float32/bfloat16 storage
-  with float32 arithmetic, or float64 throughout) and are available."""
+  with float32 arithmetic, or float64 throughout) and are built."""
   key = tuple(jnp.dtype(d) for d in (compute, g, m, v))
   return key in _SUPPORTED and available()
 

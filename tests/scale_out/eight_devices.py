@@ -8,7 +8,6 @@ and the data-parallel example's final params as ``OUT_DIR/params_*.npz``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import sys
@@ -260,42 +259,40 @@ def check_sharded_rounding(report: dict[str, Any]) -> None:
   both sides the states are bit-identical. By default one device runs the
   CPU handler and the shards round in XLA (the handler sees only its shard),
   which differ where XLA fuses a multiply-add: rarely a rounding decision."""
-  from kernel_paths import xla_path
-
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
   results: dict[str, Any] = {}
   for path in ("xla", "default"):
-    with xla_path() if path == "xla" else contextlib.nullcontext():
-      for kind, options in (
-          ("bfloat16_stochastic", {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}),
-          ("float32", {}),
-      ):
-        opt = optax_amsgrad.amsgrad(1e-2, **options)
-        states = {}
-        for where in ("sharded", "single"):
-          params = {
-              name: jnp.linspace(-1, 1, int(np.prod(shape)), dtype=jnp.float32).reshape(shape)
-              for name, (shape, _) in FSDP_LAYOUT.items()
-          }
-          if where == "sharded":
-            params = {name: jax.device_put(x, NamedSharding(mesh, FSDP_LAYOUT[name][1]))
-                      for name, x in params.items()}
-          else:
-            params = jax.device_put(params, jax.devices()[0])
+    for kind, options in (
+        ("bfloat16_stochastic", {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}),
+        ("float32", {}),
+    ):
+      opt = optax_amsgrad.amsgrad(
+          1e-2, **options, implementation="xla" if path == "xla" else None)
+      states = {}
+      for where in ("sharded", "single"):
+        params = {
+            name: jnp.linspace(-1, 1, int(np.prod(shape)), dtype=jnp.float32).reshape(shape)
+            for name, (shape, _) in FSDP_LAYOUT.items()
+        }
+        if where == "sharded":
+          params = {name: jax.device_put(x, NamedSharding(mesh, FSDP_LAYOUT[name][1]))
+                    for name, x in params.items()}
+        else:
+          params = jax.device_put(params, jax.devices()[0])
 
-          @jax.jit
-          def step(params, state, t, opt=opt):
-            grads = jax.tree.map(lambda p_leaf: jnp.sin(7 * p_leaf + t) * (1 + t), params)
-            return optax_amsgrad.apply_step(opt, grads, state, params)
+        @jax.jit
+        def step(params, state, t, opt=opt):
+          grads = jax.tree.map(lambda p_leaf: jnp.sin(7 * p_leaf + t) * (1 + t), params)
+          return optax_amsgrad.apply_step(opt, grads, state, params)
 
-          state = opt.init(params)
-          for t in range(5):
-            params, state = step(params, state, jnp.float32(t))
-          states[where] = [np.asarray(leaf, np.float64) for _, leaf in moments(state)]
-        differ = sum(int(np.sum(a != b)) for a, b in
-                     zip(states["sharded"], states["single"], strict=True))
-        total = sum(a.size for a in states["single"])
-        results[f"{path}/{kind}"] = {"differ": differ, "total": total}
+        state = opt.init(params)
+        for t in range(5):
+          params, state = step(params, state, jnp.float32(t))
+        states[where] = [np.asarray(leaf, np.float64) for _, leaf in moments(state)]
+      differ = sum(int(np.sum(a != b)) for a, b in
+                   zip(states["sharded"], states["single"], strict=True))
+      total = sum(a.size for a in states["single"])
+      results[f"{path}/{kind}"] = {"differ": differ, "total": total}
   report["sharded_rounding"] = results
 
 

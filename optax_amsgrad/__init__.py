@@ -10,6 +10,7 @@ from optax_amsgrad._flat import (
 from optax_amsgrad._step import apply_step
 from optax_amsgrad._transform import (
     Convention,
+    Implementation,
     ScaleByAmsgradState,
     StateRounding,
     scale_by_amsgrad,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Convention",
     "FlatState",
+    "Implementation",
     "ScaleByAmsgradState",
     "StateRounding",
     "__version__",

@@ -8,8 +8,9 @@ same operations in the same order.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +91,12 @@ class Formula(NamedTuple):
   nu_max_scale: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
 
-# Every convention is one choice of the three (see scale_by_amsgrad's table).
-FORMULAS = {
+# Whose formula a transformation follows (see scale_by_amsgrad's table).
+Convention = Literal["pytorch", "keras", "optax", "paper"]
+CONVENTIONS: tuple[Convention, ...] = get_args(Convention)
+
+# Every convention is one choice of the three.
+FORMULAS: dict[Convention, Formula] = {
     "pytorch": Formula(numerator=lambda bc1, bc2: 1 / bc1,
                        denominator=lambda bc1, bc2: 1 / bc2),
     "keras": Formula(numerator=lambda bc1, bc2: jnp.sqrt(bc2) / bc1),
@@ -99,10 +104,11 @@ FORMULAS = {
                      nu_max_scale=lambda bc1, bc2: 1 / bc2),
     "paper": Formula(),
 }
+assert tuple(FORMULAS) == CONVENTIONS, "one formula per convention"
 
 
 def coefficients(
-    convention: str,
+    convention: Convention,
     dtype: jnp.dtype,
     count: jax.Array,
     b1: jax.typing.ArrayLike,
@@ -287,3 +293,40 @@ def update_from_stored(
   else:
     u = direction(m_u, v_max.astype(v_dtype), d)
   return u.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("stochastic", "split_complex", "decay", "with_update"))
+def leaf_step(
+    c: MomentCoefficients,
+    d: Direction,
+    stepping: tuple[jax.Array, jax.Array] | None,
+    g: jax.Array,
+    p: jax.Array | None,
+    m: jax.Array,
+    v: jax.Array,
+    v_max: jax.Array,
+    keys: _rounding.StreamKeys | None,
+    index: jax.Array | None = None,
+    *,
+    stochastic: bool,
+    split_complex: bool,
+    decay: bool = False,
+    with_update: bool = True,
+) -> tuple[jax.Array, ...]:
+  """One leaf's step by XLA: ``(p, m, v, v_max)`` after it with ``p`` and
+  ``stepping`` (``(step_size, weight_decay)``); without them ``(u, m, v,
+  v_max)``, or ``(m, v, v_max)`` when not ``with_update``.
+
+  Jitted, so that a model's many leaves of one shape, dtype and options are
+  traced and lowered once, and called; XLA inlines the calls."""
+  rounding = Rounding(stochastic, keys)
+  if p is not None:
+    assert stepping is not None
+    return xla_stepped(c, d, Step(*stepping, decay), g, p, m, v, v_max,
+                       rounding=rounding, split_complex=split_complex, index=index)
+  stored = xla_stored(c, g, m, v, v_max, rounding=rounding, split_complex=split_complex,
+                      index=index)
+  if not with_update:
+    return stored
+  return (update_from_stored(stored[0], stored[2], d, g.dtype, split_complex=split_complex),
+          *stored)

@@ -50,7 +50,7 @@ in the input are stored as they are.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +69,10 @@ _MULTIPLIERS = {
     ("mu", "imag"): 0x3C6EF373,
 }
 _BUFFER_CODES = {"mu": 0, "nu": 1}
+# How moments narrower than the arithmetic are rounded when stored.
+StateRounding = Literal["stochastic", "nearest"]
+STATE_ROUNDINGS: tuple[StateRounding, ...] = get_args(StateRounding)
+
 # The real and imaginary parts of a complex moment get separate streams.
 _PART_CODES = {"real": 0, "imag": 2}
 _SEED_SALT = 0x243F6A88

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +11,9 @@ import optax
 
 from optax_amsgrad import _dtypes, _math, _placement, _rounding, _validation, cpu
 
-Convention = Literal["pytorch", "keras", "optax", "paper"]
+Convention = _math.Convention
 Implementation = cpu.Implementation
-StateRounding = Literal["stochastic", "nearest"]
+StateRounding = _rounding.StateRounding
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike]
 
 
@@ -123,40 +122,6 @@ class AmsgradUpdate:
     flat state with the CPU kernel; None where that path does not apply (the
     caller then takes ``update`` and ``apply_updates``)."""
     return _apply_flat(self.options, grads, state, params, applying)
-
-
-@functools.partial(jax.jit, static_argnames=("stochastic", "split_complex", "decay"))
-def _xla_leaf(
-    moment_coefficients: _math.MomentCoefficients,
-    direction: _math.Direction,
-    stepping: tuple[jax.Array, jax.Array] | None,
-    g: jax.Array,
-    p: jax.Array | None,
-    m: jax.Array,
-    v: jax.Array,
-    v_max: jax.Array,
-    keys: _rounding.StreamKeys | None,
-    *,
-    stochastic: bool,
-    split_complex: bool,
-    decay: bool,
-) -> tuple[jax.Array, ...]:
-  """(new params, or the updates when ``p`` is None, m, v, v_max) of one leaf
-  by XLA. Jitted: a model's many leaves of one shape and dtype are traced and
-  lowered once, and called; XLA inlines the calls."""
-  rounding = _math.Rounding(stochastic, keys)
-  if p is not None:
-    assert stepping is not None
-    return _math.xla_stepped(
-        moment_coefficients, direction, _math.Step(*stepping, decay), g, p, m, v, v_max,
-        rounding=rounding, split_complex=split_complex,
-    )
-  stored = _math.xla_stored(
-      moment_coefficients, g, m, v, v_max, rounding=rounding, split_complex=split_complex,
-  )
-  return (_math.update_from_stored(
-      stored[0], stored[2], direction, g.dtype, split_complex=split_complex
-  ), *stored)
 
 
 def scale_by_amsgrad(
@@ -373,7 +338,7 @@ def _step(
     moment_coefficients, direction = parts(g.dtype)
     narrowing = options.stochastic and any(
         _rounding.is_narrowing(_math.compute_dtypes(g.dtype)[1], x.dtype) for x in (m, v))
-    stepped: tuple[jax.Array, ...] = _xla_leaf(
+    stepped: tuple[jax.Array, ...] = _math.leaf_step(
         moment_coefficients, direction, stepping, g, p, m, v, v_max,
         stream_keys(i) if narrowing else None,
         stochastic=options.stochastic, split_complex=options.split_complex, decay=decay,

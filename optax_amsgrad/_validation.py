@@ -17,10 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_amsgrad import _dtypes
-
-CONVENTIONS = ("pytorch", "keras", "optax", "paper")
-STATE_ROUNDINGS = ("stochastic", "nearest")
+from optax_amsgrad import _dtypes, _math, _rounding
 
 # Storage dtypes whose exponent range cannot hold |g|**2 for ordinary
 # gradients: float16 overflows at |g| > 256 and flushes |g| < 2.4e-4 to zero.
@@ -80,11 +77,11 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 
 def check_convention(convention: object) -> None:
-  check_choice("convention", convention, CONVENTIONS)
+  check_choice("convention", convention, _math.CONVENTIONS)
 
 
 def check_state_rounding(state_rounding: object) -> None:
-  check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
+  check_choice("state_rounding", state_rounding, _rounding.STATE_ROUNDINGS)
 
 
 def _concrete_float(name: str, value: object) -> float | None:

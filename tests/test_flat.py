@@ -33,6 +33,7 @@ pytestmark = pytest.mark.both_modes
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("tree", sorted(TREE_SHAPES))
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_matches_reference_float64(convention, tree):
   shapes = TREE_SHAPES[tree]
   grads = spiky_gradients(shapes, 300, seed=3)
@@ -42,6 +43,7 @@ def test_matches_reference_float64(convention, tree):
   assert max_relative_difference(actual, expected) < 1e-12
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_amsgradw_with_mask_outside_matches_reference():
   shapes = TREE_SHAPES["mixed"]
   grads = spiky_gradients(shapes, 200, seed=2)
@@ -71,6 +73,7 @@ def test_amsgradw_with_mask_outside_matches_reference():
   ) < 1e-12
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_state_is_one_buffer_per_dtype():
   params = {
       "a": jnp.ones((3, 4), jnp.float32),
@@ -94,6 +97,7 @@ def test_state_is_one_buffer_per_dtype():
   assert sorted(optax.tree.get(state, "nu_max")) == sorted(inner.nu_max)
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_mixed_dtypes_follow_reference_and_keep_dtypes():
   # Each dtype group is its own AMSGrad: the float64 leaf is exact, the
   # float32 ones agree to float32 round-off, step by step.
@@ -134,6 +138,7 @@ def test_mixed_dtypes_follow_reference_and_keep_dtypes():
         np.testing.assert_allclose(np.asarray(updates[k]), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_ravel_and_unravel_round_trip_and_differentiate():
   tree = {
       "a": jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3),
@@ -179,6 +184,7 @@ def test_state_of_another_optimizer_is_rejected():
     solver.update(params, optax_amsgrad.scale_by_amsgrad().init(params))
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_inject_hyperparams_inside_and_outside():
   shapes = TREE_SHAPES["mixed"]
   grads = spiky_gradients(shapes, 60, seed=5)
@@ -207,6 +213,7 @@ def test_inject_hyperparams_inside_and_outside():
     np.testing.assert_array_equal(np.asarray(leaf), 0.0)
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_multisteps_and_masked_wrap_it():
   shapes = TREE_SHAPES["mixed"]
   grads = spiky_gradients(shapes, 40, seed=4)

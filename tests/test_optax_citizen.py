@@ -47,6 +47,7 @@ def init_for(name: str, placement: str) -> str:
 @pytest.mark.parametrize("call", ["update", "apply_step"])
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.both_modes
 def test_a_jitted_training_loop_compiles_once(name, placement, call, donate):
   # chex fails the loop if the step is traced twice; the cache must hold one
   # executable after three steps.
@@ -58,6 +59,7 @@ def test_a_jitted_training_loop_compiles_once(name, placement, call, donate):
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.both_modes
 def test_init_places_the_state_where_the_step_returns_it(name, placement):
   solver = OPTIMIZERS[name]()
   params = params_placed(placement)
@@ -204,6 +206,7 @@ def test_a_jitted_step_keeps_the_implementation_it_was_built_with(monkeypatch):
   assert len(traces) == 2
 
 
+@pytest.mark.both_modes
 def test_implementation_choices_are_checked(monkeypatch):
   for make in (optax_amsgrad.scale_by_amsgrad, lambda **k: optax_amsgrad.amsgrad(1e-2, **k),
                lambda **k: optax_amsgrad.amsgradw(1e-2, **k),

@@ -39,6 +39,7 @@ def run_two_calls(solver, grads, params, *, dtype=None):
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_follows_the_reference_in_float64(convention):
   shapes = TREE_SHAPES["mixed"]
   grads = spiky_gradients(shapes, 500, seed=21)
@@ -48,6 +49,7 @@ def test_follows_the_reference_in_float64(convention):
   assert max_relative_difference(actual, expected) < 1e-12
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_decoupled_weight_decay_and_schedule_follow_the_reference():
   shapes = TREE_SHAPES["deep"]
   grads = spiky_gradients(shapes, 300, seed=22)
@@ -72,6 +74,7 @@ def test_decoupled_weight_decay_and_schedule_follow_the_reference():
         (None, {"kernel", "bias", "scalar"}),
     ],
 )
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_weight_decay_mask_selects_the_leaves(mask, decayed):
   shapes = TREE_SHAPES["mixed"]
   grads = spiky_gradients(shapes, 50, seed=23)
@@ -307,6 +310,7 @@ FLAT_STEP_TARGET = "optax_amsgrad_flat_step"
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_flat_layout_follows_the_reference_in_float64(convention):
   shapes = TREE_SHAPES["deep"]
   grads = spiky_gradients(shapes, 300, seed=31)
@@ -337,6 +341,7 @@ def test_flat_layout_matches_its_update_path(options):
   assert max_relative_difference(fused, separate) < 1e-5
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_flat_layout_takes_one_pass_in_place_over_several_dtypes():
   params = {"a": jnp.ones((300, 200), jnp.float32), "b": jnp.ones(100, jnp.float32),
             "c": jnp.ones((50, 4), jnp.float64)}

@@ -109,6 +109,7 @@ def test_complex_real_mismatch_is_refused(param_dtype, grad_dtype):
         (jnp.float32, jnp.float64, 1e-6),
     ],
 )
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_float_width_mismatch_is_documented_behaviour(param_dtype, grad_dtype, rtol):
   # The state keeps its dtype, the update comes back in the gradient's dtype,
   # and the arithmetic is float32 or wider.
@@ -127,6 +128,7 @@ def test_float_width_mismatch_is_documented_behaviour(param_dtype, grad_dtype, r
     )
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_none_leaves_stay_none():
   solver = optax_amsgrad.scale_by_amsgrad()
   params = {"w": jnp.ones(3), "frozen": None, "nested": [None, jnp.ones(2)]}
@@ -142,6 +144,7 @@ def test_none_leaves_stay_none():
   )
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_masked_nodes_from_optax_masked():
   # optax.masked hands the inner transformation optax.MaskedNode where the
   # mask is False: no state is kept there and the gradient passes unchanged.
@@ -190,6 +193,7 @@ def test_zero_size_arrays(shape):
   )
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_scalar_params_and_python_numbers():
   # 0-d arrays work like any leaf; plain Python numbers are taken as arrays
   # of JAX's default float dtype.
@@ -266,6 +270,7 @@ def test_b1_schedule_is_checked_at_step_zero():
   optax_amsgrad.scale_by_amsgrad(b1=lambda t: 0.9 / (1.0 + t), convention="paper")
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_decay_that_rounds_to_one_in_float32():
   # 0.99999999 < 1, but float32(0.99999999) == 1.0: 1 - b2**t would be 0 and
   # the update NaN. float64 params compute in float64, where it is fine.
@@ -314,6 +319,7 @@ def test_storage_dtypes(kwargs, error, pattern):
     optax_amsgrad.scale_by_amsgrad(**kwargs)
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_traced_hyperparameters_are_not_rejected():
   # Under inject_hyperparams and jit the values are traced: they are not
   # checked (that would cost time in every step) and must not raise.
@@ -364,6 +370,7 @@ def test_state_from_another_optimizer():
     solver.update(params, optax.scale_by_adam().init(params))
 
 
+@pytest.mark.x64_only  # float64 arithmetic or a float64 reference at round-off
 def test_state_from_optax_amsgrad_is_explained_and_convertible():
   # optax's own AMSGrad state has the same fields: the message says how to
   # convert it, and the converted state continues optax's run exactly.

@@ -12,7 +12,9 @@ their sharding, vmap and JVP rules; this module registers and calls them.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,20 +26,12 @@ _TARGETS = {
     "flat_step": "optax_amsgrad_flat_step",
 }
 
-# The coefficient vector, in the handlers' order (enum Coefficient).
-COEFFICIENTS = (
-    "b1",
-    "b2",
-    "one_minus_b1",
-    "one_minus_b2",
-    "nu_max_scale",
-    "eps",
-    "eps_root",
-    "numerator",
-    "denominator",
-    "step_size",
-    "weight_decay",
-)
+# The coefficient vector, in the handlers' order: the names of
+# csrc/coefficients.def, the C++ enum's one source.
+COEFFICIENTS = tuple(re.findall(
+    r"^COEFFICIENT\((\w+),",
+    (Path(__file__).parent / "csrc" / "coefficients.def").read_text(), flags=re.MULTILINE,
+))
 
 # (compute, g, m, v) dtypes the handlers are compiled for. The step handler
 # also needs the params (and g) in the compute dtype.

@@ -32,8 +32,8 @@ from optax_amsgrad._math import (
   Rounding,
   Step,
   compute_dtypes,
+  leaf_step,
   xla_stepped,
-  xla_stored,
 )
 from optax_amsgrad.cpu import _ffi
 
@@ -197,37 +197,16 @@ def _xla_call(
   step_scalars = (values["step_size"], values["weight_decay"]) if call.apply else None
   out: list[jax.Array] = []
   for i, leaf in enumerate(leaves):
-    out.extend(_xla_leaf(
-        c, d, step_scalars, leaf, seed, count, jnp.uint32(call.leaf_indices[i]),
+    g, *rest = leaf
+    p, (m, v, v_max) = (rest[0], rest[1:]) if call.apply else (None, rest)
+    out.extend(leaf_step(
+        c, d, step_scalars, g, p, m, v, v_max,
+        _rounding.stream_keys(seed, count, jnp.uint32(call.leaf_indices[i])),
         None if indices is None else indices[i],
-        stochastic=call.stochastic, decay=call.apply and call.decay[i],
+        stochastic=call.stochastic, split_complex=False, decay=call.apply and call.decay[i],
+        with_update=False,
     ))
   return tuple(out)
-
-
-@functools.partial(jax.jit, static_argnames=("stochastic", "decay"))
-def _xla_leaf(
-    c: MomentCoefficients,
-    d: Direction,
-    step_scalars: tuple[jax.Array, jax.Array] | None,
-    leaf: tuple[jax.Array, ...],
-    seed: jax.Array,
-    count: jax.Array,
-    leaf_index: jax.Array,
-    index: jax.Array | None,
-    *,
-    stochastic: bool,
-    decay: bool,
-) -> tuple[jax.Array, ...]:
-  """One leaf of ``_xla_call``; jitted, with the leaf's position traced, so
-  that every leaf of the same shapes, dtypes and options is traced once (a
-  model's many equal leaves, which the XLA branch of ``_on_platform`` traces
-  even where it is not lowered)."""
-  rounding = Rounding(stochastic, _rounding.stream_keys(seed, count, leaf_index))
-  if step_scalars is None:
-    return xla_stored(c, *leaf, rounding=rounding, split_complex=False, index=index)
-  step = Step(*step_scalars, decay)
-  return xla_stepped(c, d, step, *leaf, rounding=rounding, split_complex=False, index=index)
 
 
 def _needs_keys(stochastic: bool, g: Any, m: Any, v: Any) -> bool:

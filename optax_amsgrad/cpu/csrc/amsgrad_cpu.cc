@@ -52,18 +52,9 @@ namespace {
 
 // Layout of the coefficient vector, shared with optax_amsgrad/cpu/_ffi.py.
 enum Coefficient : int64_t {
-  kB1,
-  kB2,
-  kOneMinusB1,
-  kOneMinusB2,
-  kNuMaxScale,
-  // Read only by the step handler.
-  kEps,
-  kEpsRoot,
-  kNumerator,
-  kDenominator,
-  kStepSize,
-  kWeightDecay,
+#define COEFFICIENT(python_name, enumerator) enumerator,
+#include "coefficients.def"
+#undef COEFFICIENT
   kNumCoefficients,
 };
 

@@ -29,12 +29,19 @@ Needs ``orbax-checkpoint`` (``pip install optax-amsgrad[checkpoint]``).
 from __future__ import annotations
 
 import os
-import shutil
 import types
 from typing import Any
 
 import jax
 import numpy as np
+
+try:
+  from etils import epath
+except ImportError as error:  # pragma: no cover - depends on the install
+  raise ImportError(
+      "optax_amsgrad.checkpoint needs orbax-checkpoint (and etils, which it "
+      "brings): pip install 'optax-amsgrad[checkpoint]'"
+  ) from error
 
 from optax_amsgrad import _placement
 
@@ -54,6 +61,8 @@ _ORBAX_TMP = ".orbax-checkpoint-tmp"
 # old one to ``path + _OLD``, the new one to ``path``, and deletes the old.
 _NEW = ".orbax-amsgrad-new"
 _OLD = ".orbax-amsgrad-old"
+# What Orbax writes last into a checkpoint on ``gs://`` to mark it complete.
+_COMMIT_FILE = "commit_success.txt"
 
 
 class CheckpointMismatchError(ValueError):
@@ -95,26 +104,98 @@ def _agreed(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
-def _settle(path: str) -> None:
+def _as_path(directory: str | os.PathLike[str]) -> epath.Path:
+  """``directory`` as an absolute ``epath.Path``, the type Orbax uses: a
+  local path or a URI such as ``gs://bucket/dir``."""
+  path = epath.Path(directory)
+  return path if path.is_absolute() else path.absolute()
+
+
+def _beside(path: epath.Path, suffix: str) -> epath.Path:
+  return path.parent / (path.name + suffix)
+
+
+def _commits_with_a_file(path: epath.Path) -> bool:
+  """Whether Orbax marks a checkpoint at ``path`` complete with a commit file
+  rather than by renaming it into place: on Google Cloud Storage, which has
+  no atomic rename of a directory."""
+  return str(path).startswith("gs://")
+
+
+def _finalized(path: epath.Path) -> bool:
+  """Whether ``path`` holds a checkpoint Orbax finished writing, by Orbax's own
+  rule: a directory not named as its temporary folder, holding
+  ``commit_success.txt`` on ``gs://``."""
+  if _ORBAX_TMP in path.name or not path.is_dir():
+    return False
+  return not _commits_with_a_file(path) or (path / _COMMIT_FILE).exists()
+
+
+def _move(source: epath.Path, target: epath.Path) -> None:
+  """Moves the complete checkpoint at ``source`` to the free ``target`` so
+  that a kill at any moment leaves one of them complete."""
+  if not _commits_with_a_file(source):
+    source.rename(target)
+    return
+  # A rename there copies and deletes object by object, in no set order.
+  # The commit file, copied last and deleted first, marks which of the two
+  # directories is complete at each moment.
+  files = [
+      (root / name).relative_to(source)
+      for root, _, names in source.walk()
+      for name in names
+  ]
+  files.sort(key=lambda file: str(file) == _COMMIT_FILE)
+  for file in files:
+    (target / file).parent.mkdir(parents=True, exist_ok=True)
+    (source / file).copy(target / file)
+  _delete(source)
+
+
+def _delete(path: epath.Path) -> None:
+  """Deletes the checkpoint at ``path``, its commit file first, so that what
+  a kill leaves of it does not pass for a checkpoint."""
+  if _commits_with_a_file(path):
+    (path / _COMMIT_FILE).unlink(missing_ok=True)
+  path.rmtree()
+
+
+def _swap(path: epath.Path) -> None:
+  """Puts the complete new checkpoint beside ``path`` in its place."""
+  new = _beside(path, _NEW)
+  if _commits_with_a_file(path):
+    # The old one stops being a checkpoint when its commit file goes; from
+    # then until the copy's commit file is written, the new one is read.
+    _delete(path)
+    _move(new, path)
+  else:
+    old = _beside(path, _OLD)
+    path.rename(old)
+    new.rename(path)
+    old.rmtree()
+
+
+def _settle(path: epath.Path) -> None:
   """Finishes what a replacement of the checkpoint at ``path`` left when its
   process was killed, so that ``path`` holds the complete checkpoint that
-  :func:`restore` reads: the new one moves into place if ``path`` is missing,
-  and once ``path`` is there, the leftovers beside it go. Run by the first
+  :func:`restore` reads: the new one moves into place if ``path`` holds none,
+  and once ``path`` holds one, the leftovers beside it go. Run by the first
   process only."""
-  new, old = path + _NEW, path + _OLD
-  if not os.path.exists(path) and os.path.isdir(new):
-    os.rename(new, path)
-  if not os.path.exists(path):
+  new, old = _beside(path, _NEW), _beside(path, _OLD)
+  if not _finalized(path) and _finalized(new):
+    if _commits_with_a_file(path) and path.exists():
+      path.rmtree()  # what a kill left of the old one or of a copy of the new
+    _move(new, path)
+  if not _finalized(path):
     return
-  if os.path.exists(old):
-    shutil.rmtree(old)
-  parent, name = os.path.split(path)
-  for entry in os.listdir(parent):
-    if entry.startswith(name + _NEW):
-      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+  if old.exists():
+    old.rmtree()
+  for entry in path.parent.iterdir():
+    if entry.name.startswith(path.name + _NEW):
+      entry.rmtree()
 
 
-def _write(path: str, tree: Any, *, force: bool) -> None:
+def _write(path: epath.Path, tree: Any, *, force: bool) -> None:
   checkpointer = _orbax().StandardCheckpointer()
   try:
     checkpointer.save(path, tree, force=force)
@@ -155,18 +236,16 @@ def save(directory: str | os.PathLike[str], tree: Any, *, force: bool = False) -
     tree: a pytree of arrays.
     force: replace an existing checkpoint.
   """
-  path = os.path.abspath(directory)
+  path = _as_path(directory)
   if jax.process_index() == 0:
     _settle(path)
   _sync(f"optax_amsgrad.checkpoint.save:settled:{path}")
-  if not (force and _agreed(os.path.exists(path))):
+  if not (force and _agreed(path.exists())):
     _write(path, tree, force=force)
     return
-  _write(path + _NEW, tree, force=True)
+  _write(_beside(path, _NEW), tree, force=True)
   if jax.process_index() == 0:
-    os.rename(path, path + _OLD)
-    os.rename(path + _NEW, path)
-    shutil.rmtree(path + _OLD)
+    _swap(path)
   _sync(f"optax_amsgrad.checkpoint.save:replaced:{path}")
 
 
@@ -261,56 +340,61 @@ def _listing(entries: list[str], most: int = 5) -> str:
   return shown + (f", ... ({len(entries)} in all)" if len(entries) > most else "")
 
 
-def _step_directories(directory: str) -> list[int]:
+def _step_directories(directory: epath.Path) -> list[int]:
   """The steps of a :class:`Manager`'s complete checkpoints in ``directory``."""
   try:
-    entries = os.listdir(directory)
+    entries = list(directory.iterdir())
   except OSError:
     return []
-  return sorted(
-      int(entry)
-      for entry in entries
-      if entry.isdigit() and os.path.isdir(os.path.join(directory, entry))
-  )
+  return sorted(int(entry.name) for entry in entries if entry.name.isdigit() and _finalized(entry))
 
 
-def _what_is_at(path: str) -> str:
+def _what_is_at(path: epath.Path) -> str:
   """What is at ``path`` (and beside it), for an error saying that it holds
   no checkpoint."""
-  if os.path.isdir(path):
-    entries = sorted(os.listdir(path))
+  if path.is_dir():
+    entries = sorted(entry.name for entry in path.iterdir())
     if not entries:
       return "an empty directory"
     steps = _step_directories(path)
     if steps:
       return (
           f"the directory of a Manager, with checkpoints of steps {steps}; "
-          f"read them with Manager({path!r}).restore(step, target)"
+          f"read them with Manager({str(path)!r}).restore(step, target)"
+      )
+    if _commits_with_a_file(path) and "_CHECKPOINT_METADATA" in entries:
+      return (
+          f"an interrupted save (it holds {_listing(entries)} but no {_COMMIT_FILE}): "
+          "the process writing it stopped before the checkpoint was complete"
       )
     return f"a directory without an Orbax checkpoint in it (it holds {_listing(entries)})"
-  if os.path.exists(path):
+  if path.exists():
     return "a file, not a checkpoint's directory"
-  parent, name = os.path.split(path)
-  if not os.path.isdir(parent):
+  parent, name = path.parent, path.name
+  if not parent.is_dir():
     return f"nothing: {parent} does not exist"
   interrupted = sorted(
-      entry for entry in os.listdir(parent) if entry.startswith(name + ".") and _ORBAX_TMP in entry
+      entry.name
+      for entry in parent.iterdir()
+      if entry.name.startswith(name + ".") and _ORBAX_TMP in entry.name
   )
   if interrupted:
     return (
         f"nothing but an interrupted save ({_listing(interrupted)} in {parent}): "
         "the process writing it stopped before the checkpoint was complete"
     )
-  if os.path.isdir(path + _OLD):
+  if _beside(path, _OLD).is_dir():
     return f"nothing but a replaced checkpoint being deleted ({name + _OLD} in {parent})"
   return "nothing"
 
 
-def _complete(path: str) -> str:
+def _complete(path: epath.Path) -> epath.Path:
   """Where the complete checkpoint saved to ``path`` is: ``path``, or the new
-  checkpoint beside it when a replacement was stopped between its renames."""
-  if not os.path.exists(path) and os.path.isdir(path + _NEW):
-    return path + _NEW
+  checkpoint beside it when a replacement was stopped between taking the old
+  one away and putting the new one in place."""
+  new = _beside(path, _NEW)
+  if not _finalized(path) and _finalized(new):
+    return new
   return path
 
 
@@ -370,11 +454,11 @@ def restore(directory: str | os.PathLike[str], target: Any) -> Any:
       in shape or dtype; the message lists each one by its path.
   """
   ocp = _orbax()
-  path = os.path.abspath(directory)
+  path = _as_path(directory)
   found = _complete(path)
   checkpointer = ocp.StandardCheckpointer()
   try:
-    metadata = checkpointer.metadata(found).item_metadata if os.path.isdir(found) else None
+    metadata = checkpointer.metadata(found).item_metadata if _finalized(found) else None
     if metadata is None:
       raise CheckpointNotFoundError(f"No checkpoint at {path}: {_what_is_at(path)}.")
     abstract = _abstract_target(target)
@@ -460,9 +544,10 @@ class Manager:
         # Interrupted saves of an earlier run go when the manager starts.
         cleanup_tmp_directories=True,
     )
-    self._directory = os.path.abspath(directory)
+    self._path = _as_path(directory)
+    self._directory = str(self._path)
     self._manager = ocp.CheckpointManager(
-        self._directory,
+        self._path,
         options=options,
         handler_registry=ocp.handlers.create_default_handler_registry(
             default=ocp.StandardCheckpointHandler()
@@ -501,7 +586,7 @@ class Manager:
     several processes, call :meth:`wait_until_finished` first, so that every
     process sees the same steps."""
     steps = self._manager.all_steps()
-    return sorted(s for s in steps if os.path.isdir(os.path.join(self._directory, str(s))))
+    return sorted(s for s in steps if _finalized(self._path / str(s)))
 
   def latest_step(self) -> int | None:
     """The step of the latest complete checkpoint, or None when there is none."""

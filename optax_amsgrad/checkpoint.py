@@ -18,10 +18,52 @@ Two ways to save:
   latest ``max_to_keep``, and finds the latest complete one to resume from.
 
 A process killed while saving (a preempted machine, an out-of-memory kill)
-loses at most that save: Orbax writes a checkpoint into a temporary folder
-(``<name>.orbax-checkpoint-tmp``) and renames it into place only once it is
-complete, and neither way removes the previous checkpoint before the new one
-is in place.
+loses at most that save: neither way removes the previous checkpoint before
+the new one is complete and in place.
+
+Paths. Every directory argument takes a ``str``, a ``pathlib.Path`` or an
+``etils.epath.Path``, local or a URI that Orbax takes (``gs://bucket/dir``);
+a relative path is taken from the working directory. Every operation on paths
+here goes through ``etils.epath``, as Orbax's own do. Which checkpoint is
+complete follows Orbax's rule for the path:
+
+* ``gs://``: Google Cloud Storage has no atomic rename, so Orbax writes a
+  checkpoint in place and writes ``commit_success.txt`` into it last; a
+  directory without that file is an interrupted save. ``save(force=True)``
+  deletes the old checkpoint's ``commit_success.txt`` first and copies the
+  new one into place object by object with ``commit_success.txt`` last, so a
+  kill at any moment leaves one complete checkpoint that :func:`restore`
+  reads.
+* every other path: Orbax writes a checkpoint into a temporary folder
+  (``<name>.orbax-checkpoint-tmp...``) and renames it into place once it is
+  complete, and ``save(force=True)`` swaps with two renames. Both (Orbax's
+  and ours) assume that the filesystem renames a directory atomically, as a
+  local POSIX filesystem does. Where a rename is a copy and a delete (an
+  object store other than ``gs://``, such as ``s3://`` through fsspec), a
+  kill can leave a partial directory that passes for a checkpoint: such
+  paths are not covered.
+
+What is tested: the local filesystem with ``str``, ``pathlib.Path`` and
+``epath.Path``, Orbax writing (also killed with SIGKILL); and ``gs://`` through
+epath's fsspec backend onto fsspec's in-memory filesystem, which copies and
+deletes object by object, with a stand-in for Orbax's write there (Orbax writes
+arrays with TensorStore, whose ``gs://`` driver talks to Google Cloud Storage
+itself, not to fsspec), the replacement stopped at every single operation.
+Orbax's own writes to a real bucket are not tested here.
+
+Several processes (multi-host). Every process of the job calls :func:`save`,
+:func:`restore` and the :class:`Manager` methods with the same path, as Orbax
+requires; Orbax writes each process's shards and its first process writes the
+metadata and marks the checkpoint complete. It is assumed that all processes
+see one filesystem at that path (a bucket, or a shared NFS or Lustre mount, not
+a local disk per host), and that what one process wrote, renamed or deleted
+before a barrier is seen by every process after it. The first process alone
+finishes what a killed save left beside the path, swaps a replaced
+checkpoint in and deletes the old one; the others wait for it at a barrier.
+Whether there is a checkpoint to replace is the first process's view, sent
+to all, so that every process takes the same branch around Orbax's
+collective calls. :func:`restore` reads without a barrier: do not restore
+from a path while a save to it is running.
 
 Needs ``orbax-checkpoint`` (``pip install optax-amsgrad[checkpoint]``).
 """
@@ -218,8 +260,12 @@ def save(directory: str | os.PathLike[str], tree: Any, *, force: bool = False) -
   new one to ``directory``, and the old one is deleted. If the process is
   killed between the two renames, :func:`restore` reads the complete new
   checkpoint beside the missing ``directory``, and the next :func:`save` to
-  ``directory`` moves it into place. To keep several checkpoints of a run and
-  resume from the latest, use :class:`Manager`.
+  ``directory`` moves it into place. On ``gs://`` the old one is deleted in
+  place, ``commit_success.txt`` first, and the new one is copied to
+  ``directory`` with ``commit_success.txt`` last; until that file is there,
+  :func:`restore` reads the new one beside it (see the module's notes on
+  paths). To keep several checkpoints of a run and resume from the latest,
+  use :class:`Manager`.
 
   Examples:
     >>> import tempfile
@@ -232,7 +278,9 @@ def save(directory: str | os.PathLike[str], tree: Any, *, force: bool = False) -
     ...   checkpoint.save(directory + "/state", state, force=True)  # replaces it
 
   Args:
-    directory: the checkpoint's directory; it must not exist unless ``force``.
+    directory: the checkpoint's directory (``str``, ``pathlib.Path`` or
+      ``etils.epath.Path``, local or ``gs://``); it must not exist unless
+      ``force``.
     tree: a pytree of arrays.
     force: replace an existing checkpoint.
   """
@@ -434,7 +482,8 @@ def restore(directory: str | os.PathLike[str], target: Any) -> Any:
     >>> directory.cleanup()
 
   Args:
-    directory: the checkpoint's directory.
+    directory: the checkpoint's directory (``str``, ``pathlib.Path`` or
+      ``etils.epath.Path``, local or ``gs://``).
     target: a pytree like the one saved: for example ``optimizer.init(params)``
       for the same optimizer and params, or the same with
       ``jax.ShapeDtypeStruct`` leaves. Restored arrays take its leaves'
@@ -508,7 +557,8 @@ class Manager:
     >>> directory.cleanup()
 
   Args:
-    directory: the directory of the run's checkpoints (created if missing).
+    directory: the directory of the run's checkpoints (created if missing):
+      ``str``, ``pathlib.Path`` or ``etils.epath.Path``, local or ``gs://``.
       It holds one folder per step; give each run its own.
     max_to_keep: how many of the latest checkpoints to keep (None: all).
     save_interval_steps: :meth:`save` writes the steps that are multiples of

@@ -70,6 +70,7 @@ Needs ``orbax-checkpoint`` (``pip install optax-amsgrad[checkpoint]``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from typing import Any
@@ -188,8 +189,7 @@ def _move(source: epath.Path, target: epath.Path) -> None:
       for name in names
   ]
   files.sort(key=lambda file: str(file) == _COMMIT_FILE)
-  for file in files:
-    (target / file).parent.mkdir(parents=True, exist_ok=True)
+  for file in files:  # objects need no parent directory made first
     (source / file).copy(target / file)
   _delete(source)
 
@@ -199,7 +199,18 @@ def _delete(path: epath.Path) -> None:
   a kill leaves of it does not pass for a checkpoint."""
   if _commits_with_a_file(path):
     (path / _COMMIT_FILE).unlink(missing_ok=True)
-  path.rmtree()
+  path.rmtree(missing_ok=True)
+
+
+def _replaced(path: epath.Path) -> bool:
+  """Whether a replacement of the checkpoint at ``path`` was stopped after
+  the old one was taken away and before the new one, complete beside it, was
+  in place: then the new one is the checkpoint of ``path``."""
+  if _finalized(path) or not _finalized(_beside(path, _NEW)):
+    return False
+  # On gs://, ``path`` may hold what a kill left of the old checkpoint or of
+  # a copy of the new; elsewhere the old one is renamed away whole.
+  return _commits_with_a_file(path) or not path.exists()
 
 
 def _swap(path: epath.Path) -> None:
@@ -223,18 +234,18 @@ def _settle(path: epath.Path) -> None:
   :func:`restore` reads: the new one moves into place if ``path`` holds none,
   and once ``path`` holds one, the leftovers beside it go. Run by the first
   process only."""
-  new, old = _beside(path, _NEW), _beside(path, _OLD)
-  if not _finalized(path) and _finalized(new):
-    if _commits_with_a_file(path) and path.exists():
-      path.rmtree()  # what a kill left of the old one or of a copy of the new
-    _move(new, path)
+  if _replaced(path):
+    path.rmtree(missing_ok=True)
+    _move(_beside(path, _NEW), path)
   if not _finalized(path):
     return
+  old = _beside(path, _OLD)
   if old.exists():
     old.rmtree()
   for entry in path.parent.iterdir():
     if entry.name.startswith(path.name + _NEW):
-      entry.rmtree()
+      with contextlib.suppress(OSError):
+        entry.rmtree()
 
 
 def _write(path: epath.Path, tree: Any, *, force: bool) -> None:
@@ -440,10 +451,7 @@ def _complete(path: epath.Path) -> epath.Path:
   """Where the complete checkpoint saved to ``path`` is: ``path``, or the new
   checkpoint beside it when a replacement was stopped between taking the old
   one away and putting the new one in place."""
-  new = _beside(path, _NEW)
-  if not _finalized(path) and _finalized(new):
-    return new
-  return path
+  return _beside(path, _NEW) if _replaced(path) else path
 
 
 def restore(directory: str | os.PathLike[str], target: Any) -> Any:

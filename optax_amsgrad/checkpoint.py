@@ -183,15 +183,21 @@ def _move(source: epath.Path, target: epath.Path) -> None:
   # A rename there copies and deletes object by object, in no set order.
   # The commit file, copied last and deleted first, marks which of the two
   # directories is complete at each moment.
-  files = [
-      (root / name).relative_to(source)
-      for root, _, names in source.walk()
-      for name in names
-  ]
-  files.sort(key=lambda file: str(file) == _COMMIT_FILE)
+  files = sorted(_files(source), key=lambda file: file == _COMMIT_FILE)
   for file in files:  # objects need no parent directory made first
     (source / file).copy(target / file)
   _delete(source)
+
+
+def _files(directory: epath.Path) -> list[str]:
+  """The files under ``directory``, as paths relative to it."""
+  files: list[str] = []
+  for entry in directory.iterdir():
+    if entry.is_dir():
+      files.extend(f"{entry.name}/{file}" for file in _files(entry))
+    else:
+      files.append(entry.name)
+  return files
 
 
 def _delete(path: epath.Path) -> None:

@@ -18,23 +18,73 @@ Two ways to save:
   latest ``max_to_keep``, and finds the latest complete one to resume from.
 
 A process killed while saving (a preempted machine, an out-of-memory kill)
-loses at most that save: Orbax writes a checkpoint into a temporary folder
-(``<name>.orbax-checkpoint-tmp``) and renames it into place only once it is
-complete, and neither way removes the previous checkpoint before the new one
-is in place.
+loses at most that save: neither way removes the previous checkpoint before
+the new one is complete and in place.
+
+Paths. Every directory argument takes a ``str``, a ``pathlib.Path`` or an
+``etils.epath.Path``, local or a URI that Orbax takes (``gs://bucket/dir``);
+a relative path is taken from the working directory. Every operation on paths
+here goes through ``etils.epath``, as Orbax's own do. Which checkpoint is
+complete follows Orbax's rule for the path:
+
+* ``gs://``: Google Cloud Storage has no atomic rename, so Orbax writes a
+  checkpoint in place and writes ``commit_success.txt`` into it last; a
+  directory without that file is an interrupted save. ``save(force=True)``
+  deletes the old checkpoint's ``commit_success.txt`` first and copies the
+  new one into place object by object with ``commit_success.txt`` last, so a
+  kill at any moment leaves one complete checkpoint that :func:`restore`
+  reads.
+* every other path: Orbax writes a checkpoint into a temporary folder
+  (``<name>.orbax-checkpoint-tmp...``) and renames it into place once it is
+  complete, and ``save(force=True)`` swaps with two renames. Both (Orbax's
+  and ours) assume that the filesystem renames a directory atomically, as a
+  local POSIX filesystem does. Where a rename is a copy and a delete (an
+  object store other than ``gs://``, such as ``s3://`` through fsspec), a
+  kill can leave a partial directory that passes for a checkpoint: such
+  paths are not covered.
+
+What is tested: the local filesystem with ``str``, ``pathlib.Path`` and
+``epath.Path``, Orbax writing (also killed with SIGKILL); and ``gs://`` through
+epath's fsspec backend onto fsspec's in-memory filesystem, which copies and
+deletes object by object, with a stand-in for Orbax's write there (Orbax writes
+arrays with TensorStore, whose ``gs://`` driver talks to Google Cloud Storage
+itself, not to fsspec), the replacement stopped at every single operation.
+Orbax's own writes to a real bucket are not tested here.
+
+Several processes (multi-host). Every process of the job calls :func:`save`,
+:func:`restore` and the :class:`Manager` methods with the same path, as Orbax
+requires; Orbax writes each process's shards and its first process writes the
+metadata and marks the checkpoint complete. It is assumed that all processes
+see one filesystem at that path (a bucket, or a shared NFS or Lustre mount, not
+a local disk per host), and that what one process wrote, renamed or deleted
+before a barrier is seen by every process after it. The first process alone
+finishes what a killed save left beside the path, swaps a replaced
+checkpoint in and deletes the old one; the others wait for it at a barrier.
+Whether there is a checkpoint to replace is the first process's view, sent
+to all, so that every process takes the same branch around Orbax's
+collective calls. :func:`restore` reads without a barrier: do not restore
+from a path while a save to it is running.
 
 Needs ``orbax-checkpoint`` (``pip install optax-amsgrad[checkpoint]``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import types
 from typing import Any
 
 import jax
 import numpy as np
+
+try:
+  from etils import epath
+except ImportError as error:  # pragma: no cover - depends on the install
+  raise ImportError(
+      "optax_amsgrad.checkpoint needs orbax-checkpoint (and etils, which it "
+      "brings): pip install 'optax-amsgrad[checkpoint]'"
+  ) from error
 
 from optax_amsgrad import _placement
 
@@ -54,6 +104,8 @@ _ORBAX_TMP = ".orbax-checkpoint-tmp"
 # old one to ``path + _OLD``, the new one to ``path``, and deletes the old.
 _NEW = ".orbax-amsgrad-new"
 _OLD = ".orbax-amsgrad-old"
+# What Orbax writes last into a checkpoint on ``gs://`` to mark it complete.
+_COMMIT_FILE = "commit_success.txt"
 
 
 class CheckpointMismatchError(ValueError):
@@ -95,26 +147,114 @@ def _agreed(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
-def _settle(path: str) -> None:
+def _as_path(directory: str | os.PathLike[str]) -> epath.Path:
+  """``directory`` as an absolute ``epath.Path``, the type Orbax uses: a
+  local path or a URI such as ``gs://bucket/dir``."""
+  path = epath.Path(directory)
+  return path if path.is_absolute() else path.absolute()
+
+
+def _beside(path: epath.Path, suffix: str) -> epath.Path:
+  return path.parent / (path.name + suffix)
+
+
+def _commits_with_a_file(path: epath.Path) -> bool:
+  """Whether Orbax marks a checkpoint at ``path`` complete with a commit file
+  rather than by renaming it into place: on Google Cloud Storage, which has
+  no atomic rename of a directory."""
+  return str(path).startswith("gs://")
+
+
+def _finalized(path: epath.Path) -> bool:
+  """Whether ``path`` holds a checkpoint Orbax finished writing, by Orbax's own
+  rule: a directory not named as its temporary folder, holding
+  ``commit_success.txt`` on ``gs://``."""
+  if _ORBAX_TMP in path.name or not path.is_dir():
+    return False
+  return not _commits_with_a_file(path) or (path / _COMMIT_FILE).exists()
+
+
+def _move(source: epath.Path, target: epath.Path) -> None:
+  """Moves the complete checkpoint at ``source`` to the free ``target`` so
+  that a kill at any moment leaves one of them complete."""
+  if not _commits_with_a_file(source):
+    source.rename(target)
+    return
+  # A rename there copies and deletes object by object, in no set order.
+  # The commit file, copied last and deleted first, marks which of the two
+  # directories is complete at each moment.
+  files = sorted(_files(source), key=lambda file: file == _COMMIT_FILE)
+  for file in files:  # objects need no parent directory made first
+    (source / file).copy(target / file)
+  _delete(source)
+
+
+def _files(directory: epath.Path) -> list[str]:
+  """The files under ``directory``, as paths relative to it."""
+  files: list[str] = []
+  for entry in directory.iterdir():
+    if entry.is_dir():
+      files.extend(f"{entry.name}/{file}" for file in _files(entry))
+    else:
+      files.append(entry.name)
+  return files
+
+
+def _delete(path: epath.Path) -> None:
+  """Deletes the checkpoint at ``path``, its commit file first, so that what
+  a kill leaves of it does not pass for a checkpoint."""
+  if _commits_with_a_file(path):
+    (path / _COMMIT_FILE).unlink(missing_ok=True)
+  path.rmtree(missing_ok=True)
+
+
+def _replaced(path: epath.Path) -> bool:
+  """Whether a replacement of the checkpoint at ``path`` was stopped after
+  the old one was taken away and before the new one, complete beside it, was
+  in place: then the new one is the checkpoint of ``path``."""
+  if _finalized(path) or not _finalized(_beside(path, _NEW)):
+    return False
+  # On gs://, ``path`` may hold what a kill left of the old checkpoint or of
+  # a copy of the new; elsewhere the old one is renamed away whole.
+  return _commits_with_a_file(path) or not path.exists()
+
+
+def _swap(path: epath.Path) -> None:
+  """Puts the complete new checkpoint beside ``path`` in its place."""
+  new = _beside(path, _NEW)
+  if _commits_with_a_file(path):
+    # The old one stops being a checkpoint when its commit file goes; from
+    # then until the copy's commit file is written, the new one is read.
+    _delete(path)
+    _move(new, path)
+  else:
+    old = _beside(path, _OLD)
+    path.rename(old)
+    new.rename(path)
+    old.rmtree()
+
+
+def _settle(path: epath.Path) -> None:
   """Finishes what a replacement of the checkpoint at ``path`` left when its
   process was killed, so that ``path`` holds the complete checkpoint that
-  :func:`restore` reads: the new one moves into place if ``path`` is missing,
-  and once ``path`` is there, the leftovers beside it go. Run by the first
+  :func:`restore` reads: the new one moves into place if ``path`` holds none,
+  and once ``path`` holds one, the leftovers beside it go. Run by the first
   process only."""
-  new, old = path + _NEW, path + _OLD
-  if not os.path.exists(path) and os.path.isdir(new):
-    os.rename(new, path)
-  if not os.path.exists(path):
+  if _replaced(path):
+    path.rmtree(missing_ok=True)
+    _move(_beside(path, _NEW), path)
+  if not _finalized(path):
     return
-  if os.path.exists(old):
-    shutil.rmtree(old)
-  parent, name = os.path.split(path)
-  for entry in os.listdir(parent):
-    if entry.startswith(name + _NEW):
-      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+  old = _beside(path, _OLD)
+  if old.exists():
+    old.rmtree()
+  for entry in path.parent.iterdir():
+    if entry.name.startswith(path.name + _NEW):
+      with contextlib.suppress(OSError):
+        entry.rmtree()
 
 
-def _write(path: str, tree: Any, *, force: bool) -> None:
+def _write(path: epath.Path, tree: Any, *, force: bool) -> None:
   checkpointer = _orbax().StandardCheckpointer()
   try:
     checkpointer.save(path, tree, force=force)
@@ -137,8 +277,12 @@ def save(directory: str | os.PathLike[str], tree: Any, *, force: bool = False) -
   new one to ``directory``, and the old one is deleted. If the process is
   killed between the two renames, :func:`restore` reads the complete new
   checkpoint beside the missing ``directory``, and the next :func:`save` to
-  ``directory`` moves it into place. To keep several checkpoints of a run and
-  resume from the latest, use :class:`Manager`.
+  ``directory`` moves it into place. On ``gs://`` the old one is deleted in
+  place, ``commit_success.txt`` first, and the new one is copied to
+  ``directory`` with ``commit_success.txt`` last; until that file is there,
+  :func:`restore` reads the new one beside it (see the module's notes on
+  paths). To keep several checkpoints of a run and resume from the latest,
+  use :class:`Manager`.
 
   Examples:
     >>> import tempfile
@@ -151,22 +295,22 @@ def save(directory: str | os.PathLike[str], tree: Any, *, force: bool = False) -
     ...   checkpoint.save(directory + "/state", state, force=True)  # replaces it
 
   Args:
-    directory: the checkpoint's directory; it must not exist unless ``force``.
+    directory: the checkpoint's directory (``str``, ``pathlib.Path`` or
+      ``etils.epath.Path``, local or ``gs://``); it must not exist unless
+      ``force``.
     tree: a pytree of arrays.
     force: replace an existing checkpoint.
   """
-  path = os.path.abspath(directory)
+  path = _as_path(directory)
   if jax.process_index() == 0:
     _settle(path)
   _sync(f"optax_amsgrad.checkpoint.save:settled:{path}")
-  if not (force and _agreed(os.path.exists(path))):
+  if not (force and _agreed(path.exists())):
     _write(path, tree, force=force)
     return
-  _write(path + _NEW, tree, force=True)
+  _write(_beside(path, _NEW), tree, force=True)
   if jax.process_index() == 0:
-    os.rename(path, path + _OLD)
-    os.rename(path + _NEW, path)
-    shutil.rmtree(path + _OLD)
+    _swap(path)
   _sync(f"optax_amsgrad.checkpoint.save:replaced:{path}")
 
 
@@ -261,57 +405,59 @@ def _listing(entries: list[str], most: int = 5) -> str:
   return shown + (f", ... ({len(entries)} in all)" if len(entries) > most else "")
 
 
-def _step_directories(directory: str) -> list[int]:
+def _step_directories(directory: epath.Path) -> list[int]:
   """The steps of a :class:`Manager`'s complete checkpoints in ``directory``."""
   try:
-    entries = os.listdir(directory)
+    entries = list(directory.iterdir())
   except OSError:
     return []
-  return sorted(
-      int(entry)
-      for entry in entries
-      if entry.isdigit() and os.path.isdir(os.path.join(directory, entry))
-  )
+  return sorted(int(entry.name) for entry in entries if entry.name.isdigit() and _finalized(entry))
 
 
-def _what_is_at(path: str) -> str:
+def _what_is_at(path: epath.Path) -> str:
   """What is at ``path`` (and beside it), for an error saying that it holds
   no checkpoint."""
-  if os.path.isdir(path):
-    entries = sorted(os.listdir(path))
+  if path.is_dir():
+    entries = sorted(entry.name for entry in path.iterdir())
     if not entries:
       return "an empty directory"
     steps = _step_directories(path)
     if steps:
       return (
           f"the directory of a Manager, with checkpoints of steps {steps}; "
-          f"read them with Manager({path!r}).restore(step, target)"
+          f"read them with Manager({str(path)!r}).restore(step, target)"
+      )
+    if _commits_with_a_file(path) and "_CHECKPOINT_METADATA" in entries:
+      return (
+          f"an interrupted save (it holds {_listing(entries)} but no {_COMMIT_FILE}): "
+          "the process writing it stopped before the checkpoint was complete"
       )
     return f"a directory without an Orbax checkpoint in it (it holds {_listing(entries)})"
-  if os.path.exists(path):
+  if path.exists():
     return "a file, not a checkpoint's directory"
-  parent, name = os.path.split(path)
-  if not os.path.isdir(parent):
+  parent, name = path.parent, path.name
+  if not parent.is_dir():
     return f"nothing: {parent} does not exist"
   interrupted = sorted(
-      entry for entry in os.listdir(parent) if entry.startswith(name + ".") and _ORBAX_TMP in entry
+      entry.name
+      for entry in parent.iterdir()
+      if entry.name.startswith(name + ".") and _ORBAX_TMP in entry.name
   )
   if interrupted:
     return (
         f"nothing but an interrupted save ({_listing(interrupted)} in {parent}): "
         "the process writing it stopped before the checkpoint was complete"
     )
-  if os.path.isdir(path + _OLD):
+  if _beside(path, _OLD).is_dir():
     return f"nothing but a replaced checkpoint being deleted ({name + _OLD} in {parent})"
   return "nothing"
 
 
-def _complete(path: str) -> str:
+def _complete(path: epath.Path) -> epath.Path:
   """Where the complete checkpoint saved to ``path`` is: ``path``, or the new
-  checkpoint beside it when a replacement was stopped between its renames."""
-  if not os.path.exists(path) and os.path.isdir(path + _NEW):
-    return path + _NEW
-  return path
+  checkpoint beside it when a replacement was stopped between taking the old
+  one away and putting the new one in place."""
+  return _beside(path, _NEW) if _replaced(path) else path
 
 
 def restore(directory: str | os.PathLike[str], target: Any) -> Any:
@@ -350,7 +496,8 @@ def restore(directory: str | os.PathLike[str], target: Any) -> Any:
     >>> directory.cleanup()
 
   Args:
-    directory: the checkpoint's directory.
+    directory: the checkpoint's directory (``str``, ``pathlib.Path`` or
+      ``etils.epath.Path``, local or ``gs://``).
     target: a pytree like the one saved: for example ``optimizer.init(params)``
       for the same optimizer and params, or the same with
       ``jax.ShapeDtypeStruct`` leaves. Restored arrays take its leaves'
@@ -370,11 +517,11 @@ def restore(directory: str | os.PathLike[str], target: Any) -> Any:
       in shape or dtype; the message lists each one by its path.
   """
   ocp = _orbax()
-  path = os.path.abspath(directory)
+  path = _as_path(directory)
   found = _complete(path)
   checkpointer = ocp.StandardCheckpointer()
   try:
-    metadata = checkpointer.metadata(found).item_metadata if os.path.isdir(found) else None
+    metadata = checkpointer.metadata(found).item_metadata if _finalized(found) else None
     if metadata is None:
       raise CheckpointNotFoundError(f"No checkpoint at {path}: {_what_is_at(path)}.")
     abstract = _abstract_target(target)
@@ -424,7 +571,8 @@ class Manager:
     >>> directory.cleanup()
 
   Args:
-    directory: the directory of the run's checkpoints (created if missing).
+    directory: the directory of the run's checkpoints (created if missing):
+      ``str``, ``pathlib.Path`` or ``etils.epath.Path``, local or ``gs://``.
       It holds one folder per step; give each run its own.
     max_to_keep: how many of the latest checkpoints to keep (None: all).
     save_interval_steps: :meth:`save` writes the steps that are multiples of
@@ -460,9 +608,10 @@ class Manager:
         # Interrupted saves of an earlier run go when the manager starts.
         cleanup_tmp_directories=True,
     )
-    self._directory = os.path.abspath(directory)
+    self._path = _as_path(directory)
+    self._directory = str(self._path)
     self._manager = ocp.CheckpointManager(
-        self._directory,
+        self._path,
         options=options,
         handler_registry=ocp.handlers.create_default_handler_registry(
             default=ocp.StandardCheckpointHandler()
@@ -501,7 +650,7 @@ class Manager:
     several processes, call :meth:`wait_until_finished` first, so that every
     process sees the same steps."""
     steps = self._manager.all_steps()
-    return sorted(s for s in steps if os.path.isdir(os.path.join(self._directory, str(s))))
+    return sorted(s for s in steps if _finalized(self._path / str(s)))
 
   def latest_step(self) -> int | None:
     """The step of the latest complete checkpoint, or None when there is none."""

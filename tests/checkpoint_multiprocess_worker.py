@@ -25,6 +25,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from etils import epath  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -89,7 +90,10 @@ def main() -> None:
   params = sharded(initial)
   state = jax.jit(optimizer().init)(params)
   saved = {}
-  with checkpoint.Manager(out / "run", save_interval_steps=INTERVAL, asynchronous=True) as manager:
+  # The three kinds of path: epath.Path, str and pathlib.Path.
+  with checkpoint.Manager(
+      epath.Path(out) / "run", save_interval_steps=INTERVAL, asynchronous=True
+  ) as manager:
     for t in range(STEPS):
       params, state = step(params, state, sharded(noise(t)))
       if manager.save(t + 1, {"params": params, "opt_state": state}):
@@ -98,7 +102,7 @@ def main() -> None:
 
   template = sharded({k: np.zeros_like(v) for k, v in initial.items()})
   target = {"params": template, "opt_state": jax.jit(optimizer().init)(template)}
-  with checkpoint.Manager(out / "run", save_interval_steps=INTERVAL) as manager:
+  with checkpoint.Manager(str(out / "run"), save_interval_steps=INTERVAL) as manager:
     steps = manager.all_steps()
     latest = manager.restore(None, target)
     restored = manager.restore(RESUME_AT, target)
@@ -108,8 +112,9 @@ def main() -> None:
   resumed = {"params": params, "opt_state": state}
 
   checkpoint.save(out / "single", saved[INTERVAL])
-  checkpoint.save(out / "single", saved[RESUME_AT], force=True)
-  replaced = checkpoint.restore(out / "single", target)
+  checkpoint.save(epath.Path(out) / "single", saved[RESUME_AT], force=True)
+  replaced = checkpoint.restore(str(out / "single"), target)
+  beside = sorted(p.name for p in out.iterdir() if p.name.startswith("single."))
 
   results = {
       "steps": steps,
@@ -121,6 +126,7 @@ def main() -> None:
       ),
       "resumed_equals_uninterrupted": same(resumed, uninterrupted),
       "replaced_equals_second_save": same(replaced, saved[RESUME_AT]),
+      "nothing_beside_replaced": beside == [],
       "local_shape_of_kernel": list(restored["params"]["kernel"].addressable_shards[0].data.shape),
   }
   (out / f"result_{process_id}.json").write_text(json.dumps(results))

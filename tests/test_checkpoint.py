@@ -271,6 +271,7 @@ def test_manager_in_two_processes_with_sharded_state(tmp_path):
         "restored_sharded_as_target",
         "resumed_equals_uninterrupted",
         "replaced_equals_second_save",
+        "nothing_beside_replaced",
     ):
       assert report[check] is True, (i, check)
 

@@ -12,7 +12,24 @@ would have followed in its own framework, and back:
   (convention ``"keras"``).
 - :func:`from_optax` and :func:`to_optax` convert the state of
   ``optax.amsgrad``, which continues unchanged under
-  ``amsgrad(convention="optax")``.
+  ``amsgrad(convention="optax")`` (``"paper"`` for Optax's
+  ``bias_correction_mu=False, bias_correction_nu=False``).
+
+A state does not say what computed it, so each function that hands a state
+over takes the ``solver`` it belongs to (``to_torch(state, torch_optimizer,
+solver=solver)``) and refuses, naming every difference, a solver that
+computes otherwise than the target: another convention, ``b1``, ``b2``,
+``eps``, ``eps_root``, learning rate, weight decay or form of weight decay, or
+moments the target would round. A solver says what it computes when
+:func:`~optax_amsgrad.amsgrad`, :func:`~optax_amsgrad.amsgradw` or
+:func:`~optax_amsgrad.scale_by_amsgrad` made it, or :func:`from_torch` and
+:func:`from_keras`; PyTorch ``Adam``'s coupled weight decay and several param
+groups are :func:`coupled_weight_decay` and :func:`partition`, the
+``optax.chain`` and ``optax.partition`` that say what they hold.
+
+Keras keeps an optimizer's state in private attributes; they are read as the
+Keras versions ``KERAS_TESTED`` keep them (the range ``pyproject.toml`` allows,
+its two ends tested), and a Keras without them is named in the error.
 
 The state maps one to one: PyTorch's ``exp_avg``, ``exp_avg_sq`` and
 ``max_exp_avg_sq`` (Keras' ``momentums``, ``velocities`` and
@@ -588,10 +605,11 @@ def _keras_moments(
 
 def _keras_learning_rate(keras: Any, keras_optimizer: Any) -> float | None:
   """The optimizer's learning rate (its float32 value); None for a schedule."""
-  schedule = _keras_private(keras_optimizer, "_learning_rate")
-  if not isinstance(schedule, keras.Variable):
+  rate = _keras_private(keras_optimizer, "_learning_rate")
+  # A variable otherwise (whose class keras.Variable is not before Keras 3.6).
+  if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule) or callable(rate):
     return None
-  return float(_numpy(schedule.value))
+  return float(_numpy(getattr(rate, "value", rate)))
 
 
 def _keras_weight_decay(keras_optimizer: Any) -> float:

@@ -218,11 +218,12 @@ def test_from_optax_refuses_one_bias_correction_without_the_other():
   for mu, nu in ((True, False), (False, True)):
     theirs = optax.amsgrad(1e-2, bias_correction_mu=mu, bias_correction_nu=nu)
     state = theirs.init([jnp.zeros(4, F32)])
+    solver = optax_amsgrad.amsgrad(1e-2, convention="optax")
     with pytest.raises(ValueError, match=re.escape(
         f"bias_correction_mu={mu} with bias_correction_nu={nu} is no convention")):
-      optax_amsgrad.from_optax(state, theirs, solver=optax_amsgrad.amsgrad(1e-2, convention="optax"))
+      optax_amsgrad.from_optax(state, theirs, solver=solver)
     with pytest.raises(ValueError, match="is no convention"):
-      optax_amsgrad.from_optax(state, solver=optax_amsgrad.amsgrad(1e-2, convention="optax"),
+      optax_amsgrad.from_optax(state, solver=solver,
                                bias_correction_mu=mu, bias_correction_nu=nu)
 
 
@@ -230,14 +231,14 @@ def test_from_optax_needs_the_flags_or_the_optimizer():
   theirs = optax.amsgrad(1e-2)
   state = theirs.init([jnp.zeros(4, F32)])
   solver = optax_amsgrad.amsgrad(1e-2, convention="optax")
-  with pytest.raises(TypeError, match="pass optimizer= .* or both bias_correction_mu= and "
-                                      "bias_correction_nu="):
+  with pytest.raises(TypeError, match=r"pass optimizer= .* or both bias_correction_mu= and "
+                                      r"bias_correction_nu="):
     optax_amsgrad.from_optax(state, solver=solver)
   optax_amsgrad.from_optax(state, solver=solver, bias_correction_mu=True, bias_correction_nu=True)
   with pytest.raises(ValueError, match="bias_correction_nu=False but the optimizer has "
                                        "bias_correction_nu=True"):
     optax_amsgrad.from_optax(state, theirs, solver=solver, bias_correction_nu=False)
-  with pytest.raises(ValueError, match="found 0 optax.scale_by_amsgrad"):
+  with pytest.raises(ValueError, match=r"found 0 optax\.scale_by_amsgrad"):
     optax_amsgrad.from_optax(state, optax.adam(1e-2), solver=solver)
 
 

@@ -376,3 +376,34 @@ def test_installed_keras_is_in_the_tested_range(keras):
   from packaging.specifiers import SpecifierSet
 
   assert keras.__version__ in SpecifierSet(interop.KERAS_TESTED)
+
+
+@pytest.mark.parity
+def test_from_torch_solver_goes_back_through_to_torch(torch):
+  # Two param groups, one with Adam's coupled weight decay: from_torch's
+  # partition and coupled chain say what they are, and to_torch reads them.
+  w = _torch_weights(torch)
+  optimizer = torch.optim.Adam([{"params": w[:1], "betas": (0.8, 0.99)},
+                                {"params": w[1:], "lr": 3e-3, "weight_decay": 0.05}],
+                               lr=1e-2, amsgrad=True)
+  for tensor in w:
+    tensor.grad = torch.ones_like(tensor)
+  optimizer.step()
+  state_dict = optimizer.state_dict()
+  solver, state = optax_amsgrad.from_torch(state_dict, _params())
+  back = optax_amsgrad.to_torch(state, optimizer, solver=solver)
+  for j, entry in state_dict["state"].items():
+    for key, value in entry.items():
+      assert torch.equal(back["state"][j][key], value), (j, key)
+  # The same groups with the decay on the other one differ there, and only there.
+  swapped = torch.optim.Adam([{"params": w[:1], "betas": (0.8, 0.99), "weight_decay": 0.05},
+                              {"params": w[1:], "lr": 3e-3}], lr=1e-2, amsgrad=True)
+  with pytest.raises(ValueError) as raised:
+    optax_amsgrad.to_torch(state, swapped, solver=solver)
+  lines = str(raised.value).splitlines()[1:-1]
+  assert lines == [
+      "  weight decay: the solver has no weight decay, the target coupled weight_decay=0.05 "
+      "(leaf 0 [0])",
+      "  weight decay: the solver has coupled weight_decay=0.05, the target no weight decay "
+      "(leaf 1 [1])",
+  ], lines

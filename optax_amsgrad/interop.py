@@ -927,6 +927,29 @@ def _optax_bias_correction(
   return (bool(flags[0]), bool(flags[1])), options
 
 
+def _optax_differences(
+    opt_state: optax.OptState, solver: Any, convention: str, options: dict[str, Any] | None
+) -> list[str]:
+  """Each way ``solver`` would continue the state otherwise than Optax: its
+  convention against the one the bias correction makes, and, where the
+  optimizer's options are known, ``b1``, ``b2``, ``eps`` and ``eps_root``;
+  its storage against the state's."""
+  nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAmsgradState))
+  states = [node for node in nodes if isinstance(node, optax.ScaleByAmsgradState)]
+  if not states:
+    raise TypeError("opt_state holds no optax.ScaleByAmsgradState: not a state of optax.amsgrad.")
+  with_paths = jax.tree_util.tree_flatten_with_path(states[0].mu)[0]
+  names = [f"leaf {i} {jax.tree_util.keystr(path)}" for i, (path, _) in enumerate(with_paths)]
+  ours = leaf_facts(solver, states[0].mu)
+  known = {} if options is None else {k: options[k] for k in ("b1", "b2", "eps", "eps_root")}
+  theirs = [f._replace(convention=convention, **known) for f in ours]
+  dtypes = [(jnp.result_type(mu), jnp.result_type(nu))
+            for mu, nu in zip(jax.tree.leaves(states[0].mu), jax.tree.leaves(states[0].nu),
+                              strict=True)]
+  return differences(ours, theirs, names) + storage_differences(
+      ours, dtypes, [nu for _, nu in dtypes], names, "Optax optimizer")
+
+
 def from_optax(
     opt_state: optax.OptState,
     optimizer: optax.GradientTransformation | None = None,
@@ -991,26 +1014,8 @@ def from_optax(
         "(convention='paper') continue exactly."
     )
   convention = "optax" if mu_flag else "paper"
-  leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAmsgradState))
-  states = [node for node in leaves if isinstance(node, optax.ScaleByAmsgradState)]
-  params_like = states[0].nu if states else {}
-  found = []
-  for i, facts in enumerate(leaf_facts(solver, params_like)):
-    if facts.convention != convention:
-      found.append(f"convention: the solver has {facts.convention!r}, the state needs "
-                   f"{convention!r} (bias_correction_mu={mu_flag}, "
-                   f"bias_correction_nu={nu_flag}) (leaf {i})")
-    if options is not None:
-      for name in ("b1", "b2", "eps", "eps_root"):
-        ours, theirs = getattr(facts, name), options[name]
-        if callable(ours) or float(np.asarray(ours)) != float(np.asarray(theirs)):
-          found.append(f"{name}: the solver has {ours!r}, the optimizer {theirs!r} (leaf {i})")
-      theirs_mu = options["mu_dtype"]
-      if (facts.mu_dtype is None) != (theirs_mu is None) or (
-          theirs_mu is not None and jnp.dtype(facts.mu_dtype) != jnp.dtype(theirs_mu)):
-        found.append(f"mu_dtype: the solver has {facts.mu_dtype}, the optimizer "
-                     f"{theirs_mu} (leaf {i})")
-  refuse(found, "Optax optimizer")
+  refuse(_optax_differences(opt_state, solver, convention, options),
+         f"Optax optimizer (bias_correction_mu={mu_flag}, bias_correction_nu={nu_flag})")
   return _replaced(opt_state, optax.ScaleByAmsgradState, _transform.ScaleByAmsgradState)
 
 

@@ -203,8 +203,9 @@ def test_from_optax_reads_the_bias_correction_of_the_paper():
   moved_params, state, _ = _run(theirs, params, theirs.init(params), grads[:15])
   # Optax's default reading (convention="optax") is refused, naming why.
   with pytest.raises(ValueError, match=re.escape(
-      "convention: the solver has 'optax', the state needs 'paper' (bias_correction_mu=False, "
-      "bias_correction_nu=False)")):
+      "the Optax optimizer (bias_correction_mu=False, bias_correction_nu=False) computes, so "
+      "the run would not continue on its trajectory:\n  convention: the solver has 'optax', "
+      "the target 'paper' (leaf 0 [0])")):
     optax_amsgrad.from_optax(state, theirs, solver=optax_amsgrad.amsgrad(1e-2, convention="optax"))
   ours = optax_amsgrad.amsgrad(1e-2, convention="paper")
   moved = optax_amsgrad.from_optax(state, theirs, solver=ours)
@@ -247,8 +248,13 @@ def test_from_optax_checks_the_hyperparameters_against_the_optimizer():
   state = theirs.init([jnp.zeros(4, F32)])
   with pytest.raises(ValueError) as raised:
     optax_amsgrad.from_optax(state, theirs, solver=optax_amsgrad.amsgrad(1e-2, convention="optax"))
-  assert "b1: the solver has 0.9, the optimizer 0.8 (leaf 0)" in str(raised.value)
-  assert "eps: the solver has 1e-08, the optimizer 1e-06 (leaf 0)" in str(raised.value)
+  assert "b1: the solver has 0.9, the target 0.8 (leaf 0 [0])" in str(raised.value)
+  assert "eps: the solver has 1e-08, the target 1e-06 (leaf 0 [0])" in str(raised.value)
+  # The solver's storage is the state's.
+  with pytest.raises(ValueError, match=re.escape(
+      "mu_dtype: the solver stores bfloat16, the state holds float32 (leaf 0 [0])")):
+    optax_amsgrad.from_optax(state, theirs, solver=optax_amsgrad.amsgrad(
+        1e-2, b1=0.8, eps=1e-6, mu_dtype=jnp.bfloat16, convention="optax"))
   same = optax_amsgrad.amsgrad(1e-2, b1=0.8, eps=1e-6, convention="optax")
   optax_amsgrad.from_optax(state, theirs, solver=same)
   # Found in a chain as well.

@@ -12,7 +12,24 @@ would have followed in its own framework, and back:
   (convention ``"keras"``).
 - :func:`from_optax` and :func:`to_optax` convert the state of
   ``optax.amsgrad``, which continues unchanged under
-  ``amsgrad(convention="optax")``.
+  ``amsgrad(convention="optax")`` (``"paper"`` for Optax's
+  ``bias_correction_mu=False, bias_correction_nu=False``).
+
+A state does not say what computed it, so each function that hands a state
+over takes the ``solver`` it belongs to (``to_torch(state, torch_optimizer,
+solver=solver)``) and refuses, naming every difference, a solver that
+computes otherwise than the target: another convention, ``b1``, ``b2``,
+``eps``, ``eps_root``, learning rate, weight decay or form of weight decay, or
+moments the target would round. A solver says what it computes when
+:func:`~optax_amsgrad.amsgrad`, :func:`~optax_amsgrad.amsgradw` or
+:func:`~optax_amsgrad.scale_by_amsgrad` made it, or :func:`from_torch` and
+:func:`from_keras`; PyTorch ``Adam``'s coupled weight decay and several param
+groups are :func:`coupled_weight_decay` and :func:`partition`, the
+``optax.chain`` and ``optax.partition`` that say what they hold.
+
+Keras keeps an optimizer's state in private attributes; they are read as the
+Keras versions ``KERAS_TESTED`` keep them (the range ``pyproject.toml`` allows,
+its two ends tested), and a Keras without them is named in the error.
 
 The state maps one to one: PyTorch's ``exp_avg``, ``exp_avg_sq`` and
 ``max_exp_avg_sq`` (Keras' ``momentums``, ``velocities`` and
@@ -54,332 +71,84 @@ that the example runs without torch):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-# Narrow state (bfloat16 moments) is written through the storage functions of
-# the solver's own steps, so that a state moved in is rounded as one made here.
-from optax_amsgrad import _alias, _rounding, _transform
+from optax_amsgrad import _alias, _transform
+from optax_amsgrad._interop_solver import (
+    Facts,
+    coupled_weight_decay,
+    differences,
+    leaf_facts,
+    partition,
+    refuse,
+    storage_differences,
+)
+from optax_amsgrad._interop_state import (
+    Layouts,
+    _check_complex,
+    _check_shape,
+    _check_state_complex,
+    _Collected,
+    _collected,
+    _filled,
+    _float,
+    _Moments,
+    _numpy,
+    _Plan,
+    _plan,
+    _state_numpy,
+    _to_framework_layout,
+    _to_params_layout,
+)
 
-Layouts = Any  # a tree shaped like the params: None or a tuple of axes per leaf
-_COUNT_MAX = 2**31 - 1  # count is an int32 that saturates
+__all__ = [
+    "KERAS_TESTED",
+    "coupled_weight_decay",
+    "from_keras",
+    "from_optax",
+    "from_torch",
+    "partition",
+    "to_keras",
+    "to_optax",
+    "to_torch",
+]
+
+# The Keras versions whose private optimizer attributes interop reads, as
+# tested (pyproject.toml bounds keras to the same range).
+KERAS_TESTED = ">=3.5,<3.16"
 _TORCH_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-class _Moments(NamedTuple):
-  """One parameter's moments in the params' layout."""
-
-  mu: Any  # NumPy arrays moving in, the state's arrays moving out
-  nu: Any
-  nu_max: Any
+# --- Checking the solver against the target -----------------------------------
 
 
-def _is_masked(node: Any) -> bool:
-  return isinstance(node, optax.MaskedNode)
-
-
-def _is_amsgrad_state(node: Any) -> bool:
-  return isinstance(node, _transform.ScaleByAmsgradState)
-
-
-def _numpy(value: Any) -> np.ndarray:
-  """A torch tensor (on any device), a Keras variable or an array as NumPy;
-  16-bit floats widen to float32."""
-  if hasattr(value, "detach"):  # a torch tensor
-    value = value.detach().cpu()
-    if value.dtype.is_floating_point and value.element_size() < 4:
-      value = value.float()
-    value = value.numpy()
-  array = np.asarray(value)
-  if array.dtype.kind == "V" or (array.dtype.kind == "f" and array.dtype.itemsize < 4):
-    array = array.astype(np.float32)  # bfloat16 (ml_dtypes) and float16
-  return array
-
-
-def _float(name: str, value: Any) -> float:
-  if callable(value):
-    raise NotImplementedError(
-        f"{name} is the callable {value!r}; only constant hyperparameters move "
-        "between frameworks."
-    )
-  return float(_numpy(value))
-
-
-# --- Matching the framework's parameters to the leaves of ``params`` --------
-
-
-class _Plan(NamedTuple):
-  """Leaf ``i`` of the params is the framework's parameter ``order[i]``, with
-  ``leaf = framework_tensor.transpose(axes[i])`` where ``axes[i]`` is not
-  None."""
-
-  treedef: Any
-  paths: list[str]
-  shapes: list[tuple[int, ...]]
-  complex: list[bool]
-  order: list[int]
-  axes: list[tuple[int, ...] | None]
-
-
-def _plan(
-    leaves_with_paths: Sequence[tuple[Any, Any]],
-    treedef: Any,
-    count: int,
-    what: str,
-    order: Sequence[int] | None,
-    layouts: Layouts,
-) -> _Plan:
-  n = len(leaves_with_paths)
-  if count != n:
-    raise ValueError(
-        f"The {what} has {count} parameters but params has {n} leaves; they are "
-        "matched by position (leaf i of params is parameter order[i])."
-    )
-  if order is None:
-    order = list(range(n))
-  else:
-    order = [int(j) for j in order]
-    if sorted(order) != list(range(n)):
-      raise ValueError(
-          f"order must be a permutation of range({n}) (order[i] is the {what}'s "
-          f"parameter for leaf i of params); got {order}."
-      )
-  if layouts is None:
-    axes: list[Any] = [None] * n
-  else:
-    try:
-      axes = treedef.flatten_up_to(layouts)
-    except (ValueError, TypeError) as error:
-      raise ValueError(
-          "layouts must be a tree shaped like params with, for each leaf, None or "
-          f"a tuple of axes: {error}"
-      ) from error
-  paths = [jax.tree_util.keystr(path) for path, _ in leaves_with_paths]
-  shapes = [tuple(np.shape(leaf)) for _, leaf in leaves_with_paths]
-  for i, a in enumerate(axes):
-    if a is None:
-      continue
-    if not isinstance(a, (tuple, list)) or sorted(int(x) for x in a) != list(
-        range(len(shapes[i]))
-    ):
-      raise ValueError(
-          f"layouts for params leaf {i} ({paths[i]}, shape {shapes[i]}) must be None "
-          f"or a permutation of range({len(shapes[i])}); got {a!r}."
-      )
-    axes[i] = tuple(int(x) for x in a)
-  is_complex = [bool(jnp.iscomplexobj(leaf)) for _, leaf in leaves_with_paths]
-  return _Plan(treedef, paths, shapes, is_complex, order, axes)
-
-
-def _check_shape(plan: _Plan, i: int, framework_shape: tuple[int, ...], what: str) -> None:
-  axes = plan.axes[i]
-  j = plan.order[i]
-  moved = framework_shape if axes is None else tuple(framework_shape[a] for a in axes)
-  if len(framework_shape) != len(plan.shapes[i]) or moved != plan.shapes[i]:
-    after = "" if axes is None else f" ({moved} after layout {axes})"
-    raise ValueError(
-        f"Parameter {j} of the {what} has shape {framework_shape}{after}, but params "
-        f"leaf {i} ({plan.paths[i]}) has shape {plan.shapes[i]}."
-    )
-
-
-def _check_complex(plan: _Plan, i: int, framework_complex: bool, what: str) -> None:
-  if framework_complex != plan.complex[i]:
-    kinds = {True: "complex", False: "real"}
-    raise NotImplementedError(
-        f"Parameter {plan.order[i]} of the {what} is {kinds[framework_complex]} but "
-        f"params leaf {i} ({plan.paths[i]}) is {kinds[plan.complex[i]]}: the moments' "
-        "layouts differ (a complex number is not a pair of reals), which is not "
-        "supported."
-    )
-
-
-def _to_params_layout(value: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
-  return value if axes is None else np.transpose(value, axes)
-
-
-def _to_framework_layout(value: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
-  return value if axes is None else np.ascontiguousarray(np.transpose(value, np.argsort(axes)))
-
-
-# --- Writing a state into the solver's own init ------------------------------
-
-
-def _placed(value: jax.Array, template: jax.Array) -> jax.Array:
-  """``value`` placed as ``template`` is: on its sharding when committed, on
-  the default device, uncommitted, otherwise (so a jitted step sees the
-  same placement as with ``init``'s state and does not compile again)."""
-  if getattr(template, "committed", False):
-    placed: jax.Array = jax.device_put(value, template.sharding)
-    return placed
-  return value
-
-
-def _stored(
-    value: np.ndarray,
-    template: jax.Array,
-    compute_dtype: Any,
+def _check_solver(
+    solver: Any,
+    collected: _Collected,
+    plan: _Plan,
+    target_facts: Sequence[Facts],
+    target_dtypes: Sequence[Any],
+    target: str,
     *,
-    buffer: str,
-    stochastic: bool,
-    seed: int,
-    count: int,
-    leaf_index: int,
-    at_least: jax.Array | None = None,
-) -> jax.Array:
-  """``value`` in the storage dtype of ``template``, rounded as the solver's
-  steps store it: ``mu`` and ``nu`` stochastically (when narrowing, with
-  ``state_rounding="stochastic"``), ``nu_max`` to nearest, never below the
-  stored ``nu``."""
-  x = jnp.asarray(value, compute_dtype)
-  if buffer == "nu_max":
-    stored = _rounding.store_max(x, template.dtype, stochastic=stochastic, at_least=at_least)
-  else:
-    stored = _rounding.store(
-        x, template.dtype, stochastic=stochastic, buffer=buffer,
-        keys=_rounding.stream_keys(seed, count, leaf_index),
-    )
-  return _placed(stored, template)
-
-
-def _compute_dtype(param: Any) -> Any:
-  return jnp.promote_types(jnp.result_type(param), jnp.float32)
-
-
-def _filled(
-    solver: optax.GradientTransformation,
-    params: optax.Params,
-    moments: list[_Moments] | None,
-    count: int,
-    *,
-    stochastic: bool,
-    seed: int,
-) -> optax.OptState:
-  """``solver.init(params)`` with every AMSGrad state holding ``moments``
-  (per leaf of ``params``; zeros when None) and every step count ``count``."""
-  template = solver.init(params)
-  param_leaves = jax.tree.leaves(params)
-  count = min(count, _COUNT_MAX)
-
-  def placed_count(old: jax.Array) -> jax.Array:
-    return _placed(jnp.asarray(count, old.dtype), old)
-
-  def fill(node: Any) -> Any:
-    if isinstance(node, optax.ScaleByScheduleState):
-      return node._replace(count=placed_count(node.count))
-    if not _is_amsgrad_state(node):
-      return node
-    trees = [jax.tree.flatten(getattr(node, f), is_leaf=_is_masked)
-             for f in ("mu", "nu", "nu_max")]
-    (mus, treedef_), (nus, _), (nu_maxes, _) = trees
-    treedef: Any = treedef_  # PyTreeDef's stubs lack unflatten
-    assert len(mus) == len(param_leaves)
-    position = 0  # the leaf's position among this transformation's leaves
-    for i, (mu, nu, nu_max) in enumerate(zip(mus, nus, nu_maxes, strict=True)):
-      if _is_masked(mu) or moments is None:
-        continue
-      dtype = _compute_dtype(param_leaves[i])
-      options: dict[str, Any] = {"stochastic": stochastic, "seed": seed, "count": count,
-                                 "leaf_index": position}
-      mus[i] = _stored(moments[i].mu, mu, dtype, buffer="mu", **options)
-      nus[i] = _stored(moments[i].nu, nu, dtype, buffer="nu", **options)
-      nu_maxes[i] = _stored(moments[i].nu_max, nu_max, dtype, buffer="nu_max",
-                            at_least=nus[i], **options)
-      position += 1
-    return node._replace(
-        count=placed_count(node.count),
-        mu=treedef.unflatten(mus),
-        nu=treedef.unflatten(nus),
-        nu_max=treedef.unflatten(nu_maxes),
-    )
-
-  return jax.tree.map(
-      fill, template,
-      is_leaf=lambda x: _is_amsgrad_state(x) or isinstance(x, optax.ScaleByScheduleState),
+    learning_rate_dtype: Any = np.float64,
+) -> None:
+  """ValueError naming every way ``solver`` (whose state ``collected`` is)
+  computes other than the target, whose parameter ``plan.order[i]`` has
+  ``target_facts[i]`` and holds its moments in ``target_dtypes[i]``."""
+  params_like = collected.treedef.unflatten([leaf for _, leaf in collected.plan_leaves])
+  ours = leaf_facts(solver, params_like)
+  names = [f"leaf {i} {plan.paths[i]}" for i in range(len(ours))]
+  state_dtypes = [(jnp.result_type(m.mu), jnp.result_type(m.nu)) for m in collected.moments]
+  refuse(
+      differences(ours, target_facts, names, learning_rate_dtype=learning_rate_dtype)
+      + storage_differences(ours, state_dtypes, target_dtypes, names, target),
+      target,
   )
-
-
-# --- Reading a state made here ------------------------------------------------
-
-
-class _Collected(NamedTuple):
-  step_count: int
-  moments: list[_Moments]
-  plan_leaves: list[tuple[Any, Any]]  # (path, mu leaf) per leaf of the params
-  treedef: Any
-
-
-def _collected(opt_state: optax.OptState) -> _Collected:
-  """The step count and the per-leaf moments of the AMSGrad states in
-  ``opt_state`` (one, or one per group of an ``optax.partition``)."""
-  nodes = [node for node in jax.tree.leaves(opt_state, is_leaf=_is_amsgrad_state)
-           if _is_amsgrad_state(node)]
-  if not nodes:
-    foreign = [node for node in jax.tree.leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAmsgradState))
-               if isinstance(node, optax.ScaleByAmsgradState)]
-    hint = (" It holds optax.amsgrad's state, whose nu_max is bias-corrected: it "
-            "continues under amsgrad(convention='optax') (see from_optax) but "
-            "has no exact PyTorch or Keras equivalent.") if foreign else ""
-    raise TypeError(
-        "opt_state holds no optax_amsgrad.ScaleByAmsgradState: pass the state of "
-        f"an optax_amsgrad solver (amsgrad, amsgradw, or a chain or partition of them).{hint}"
-    )
-  counts = sorted({int(node.count) for node in nodes})
-  if len(counts) > 1:
-    raise ValueError(
-        f"Mixed steps: the AMSGrad states in opt_state have step counts {counts}; "
-        "PyTorch and Keras continue with one step count for all parameters."
-    )
-  covered: list[_Moments | None] | None = None
-  first: list[tuple[Any, Any]] = []
-  treedef: Any = None
-  for node in nodes:
-    path_leaves, treedef_here = jax.tree_util.tree_flatten_with_path(node.mu, is_leaf=_is_masked)
-    nus, nu_maxes = (jax.tree.leaves(getattr(node, f), is_leaf=_is_masked)
-                     for f in ("nu", "nu_max"))
-    if covered is None:
-      covered = [None] * len(path_leaves)
-      first = list(path_leaves)
-      treedef = treedef_here
-    if treedef_here != treedef:
-      raise ValueError(
-          "The AMSGrad states in opt_state are over different trees:\n"
-          f"  {treedef}\n  {treedef_here}"
-      )
-    for i, ((path, mu), nu, nu_max) in enumerate(
-        zip(path_leaves, nus, nu_maxes, strict=True)):
-      if _is_masked(mu):
-        continue
-      if covered[i] is not None:
-        raise ValueError(f"Leaf {i} ({jax.tree_util.keystr(path)}) has two AMSGrad states.")
-      covered[i] = _Moments(mu, nu, nu_max)
-      first[i] = (path, mu)
-  assert covered is not None
-  missing = [i for i, m in enumerate(covered) if m is None]
-  if missing:
-    raise ValueError(f"Leaves {missing} of opt_state have no AMSGrad state.")
-  return _Collected(counts[0], [m for m in covered if m is not None], first, treedef)
-
-
-def _state_numpy(value: jax.Array) -> np.ndarray:
-  """A state leaf as NumPy; narrow floats (bfloat16 moments) widen to float32."""
-  return _numpy(jax.device_get(value))
-
-
-def _check_state_complex(collected: _Collected, plan: _Plan, i: int, what: str) -> None:
-  """Complex params under a convention that keeps ``|g|**2`` as one real
-  second moment: the framework keeps one per real coordinate."""
-  if plan.complex[i] and not jnp.iscomplexobj(collected.moments[i].nu):
-    raise NotImplementedError(
-        f"Leaf {i} ({plan.paths[i]}) is complex and its nu is real (|g|**2, one value "
-        f"per complex entry), whose layout differs from the {what}'s (one value per "
-        "real coordinate); only convention='pytorch' states of complex params move."
-    )
 
 
 # --- PyTorch ------------------------------------------------------------------
@@ -429,6 +198,98 @@ def _torch_groups(state_dict: Any) -> list[Mapping[str, Any]]:
   return groups
 
 
+def _torch_entries(state_dict: Mapping[str, Any], ids: Sequence[Any]) -> list[Any] | None:
+  """Each parameter's state (in the order of ``ids``), or None before the
+  first step; refuses states that are not AMSGrad's and mixed steps."""
+  entries = [state_dict["state"].get(pid) for pid in ids]
+  steps: dict[float, int] = {}
+  for j, entry in enumerate(entries):
+    if entry is None:
+      continue
+    missing = [k for k in _TORCH_STATE_KEYS if k not in entry]
+    if missing:
+      raise ValueError(
+          f"The state of parameter {j} has no {', '.join(missing)} (it has "
+          f"{sorted(entry)}): not the state of an AMSGrad optimizer "
+          "(torch.optim.Adam/AdamW with amsgrad=True)."
+      )
+    steps.setdefault(float(_numpy(entry["step"])), j)
+  fresh = [j for j, entry in enumerate(entries) if entry is None]
+  if len(steps) > 1 or (steps and fresh):
+    found = [f"parameter {j} has step {s:g}" for s, j in steps.items()]
+    if fresh:
+      found.append(f"parameters {fresh} have not been stepped")
+    raise ValueError(
+        f"Mixed steps: {'; '.join(found)}. AMSGrad in JAX keeps one step count for "
+        "all parameters (in PyTorch, parameters without gradients skip steps)."
+    )
+  return entries if steps else None
+
+
+def _torch_step(entries: Sequence[Any]) -> int:
+  """The one step count of ``entries`` (checked by :func:`_torch_entries`)."""
+  step = float(_numpy(entries[0]["step"]))
+  if step < 0 or step != int(step):
+    raise ValueError(f"The step {step} is not a whole number of steps.")
+  return int(step)
+
+
+def _torch_moments(entries: Sequence[Any], plan: _Plan, what: str) -> list[_Moments]:
+  """Each leaf's moments, from its parameter's entry, in the params' layout."""
+  moments = []
+  for i, j in enumerate(plan.order):
+    values = [_numpy(entries[j][k]) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")]
+    for value in values:
+      _check_shape(plan, i, value.shape, what)
+    _check_complex(plan, i, np.iscomplexobj(values[0]), what)
+    moments.append(_Moments(*(_to_params_layout(v, plan.axes[i]) for v in values)))
+  return moments
+
+
+def _torch_decoupled(group: Mapping[str, Any], g: int, default: bool | None) -> bool:
+  """Whether the group's weight decay is AdamW's (decoupled) or Adam's."""
+  decoupled = group.get("decoupled_weight_decay", default)
+  if decoupled is None:
+    wd = _float("weight_decay", group["weight_decay"])
+    if wd != 0:
+      raise ValueError(
+          f"Param group {g} has weight_decay={wd} but the state dict does not "
+          "say whether it is Adam's (coupled) or AdamW's (decoupled): pass "
+          "decoupled_weight_decay=True for AdamW, False for Adam."
+      )
+    return False
+  return bool(decoupled)
+
+
+def _torch_group_solver(
+    group: Mapping[str, Any],
+    g: int,
+    learning_rate: optax.ScalarOrSchedule | None,
+    decoupled: bool,
+    options: dict[str, Any],
+) -> optax.GradientTransformation:
+  """The solver of one param group: amsgradw (AdamW), the coupled chain
+  (Adam with weight decay), or amsgrad."""
+  lr = learning_rate
+  if lr is None:
+    if "initial_lr" in group:
+      raise ValueError(
+          f"Param group {g} has initial_lr: an LR scheduler drives this "
+          "optimizer, and schedulers do not travel in the state dict. Pass "
+          f"learning_rate=: the current lr ({_float('lr', group['lr'])!r}) to keep "
+          "it constant, or an Optax schedule of the step count."
+      )
+    lr = _float("lr", group["lr"])
+  b1, b2 = (_float(f"betas[{k}]", b) for k, b in enumerate(group["betas"]))
+  eps = _float("eps", group["eps"])
+  wd = _float("weight_decay", group["weight_decay"])
+  if decoupled:
+    return _alias.amsgradw(lr, b1, b2, eps, weight_decay=wd, **options)
+  if wd != 0:
+    return coupled_weight_decay(wd, _alias.amsgrad(lr, b1, b2, eps, **options))
+  return _alias.amsgrad(lr, b1, b2, eps, **options)
+
+
 def from_torch(
     state_dict: Mapping[str, Any],
     params: optax.Params,
@@ -446,12 +307,12 @@ def from_torch(
 
   The solver is built from the state dict's hyperparameters with
   ``convention="pytorch"``: ``AdamW`` becomes :func:`amsgradw`, ``Adam`` with
-  ``weight_decay`` the coupled ``optax.chain(optax.add_decayed_weights(wd),
-  amsgrad(...))``, ``Adam`` without it :func:`amsgrad`; several param groups
-  become an ``optax.partition`` over the leaves, labelled by group index.
-  The state is ``solver.init(params)`` holding the optimizer's moments and
-  step, placed as ``init`` places it (on each param's sharding), so a jitted
-  step compiles once for both.
+  ``weight_decay`` the coupled :func:`coupled_weight_decay` (``optax.chain(
+  optax.add_decayed_weights(wd), amsgrad(...))``), ``Adam`` without it
+  :func:`amsgrad`; several param groups become a :func:`partition` over the
+  leaves, labelled by group index. The state is ``solver.init(params)``
+  holding the optimizer's moments and step, placed as ``init`` places it (on
+  each param's sharding), so a jitted step compiles once for both.
 
   Example (``torch_optimizer`` a ``torch.optim.Adam(amsgrad=True)`` over a
   ``torch.nn.Linear``, ``params = {"kernel": ..., "bias": ...}`` the same
@@ -505,134 +366,27 @@ def from_torch(
   what = "torch optimizer's state dict"
   plan = _plan(leaves_with_paths, treedef, len(ids), what, order, layouts)
 
-  # The step: one for all parameters, or none yet.
-  entries = [state_dict["state"].get(pid) for pid in ids]
-  steps: dict[float, int] = {}
-  for j, entry in enumerate(entries):
-    if entry is None:
-      continue
-    missing = [k for k in _TORCH_STATE_KEYS if k not in entry]
-    if missing:
-      raise ValueError(
-          f"The state of parameter {j} has no {', '.join(missing)} (it has "
-          f"{sorted(entry)}): not the state of an AMSGrad optimizer "
-          "(torch.optim.Adam/AdamW with amsgrad=True)."
-      )
-    steps.setdefault(float(_numpy(entry["step"])), j)
-  fresh = [j for j, entry in enumerate(entries) if entry is None]
-  if len(steps) > 1 or (steps and fresh):
-    found = [f"parameter {j} has step {s:g}" for s, j in steps.items()]
-    if fresh:
-      found.append(f"parameters {fresh} have not been stepped")
-    raise ValueError(
-        f"Mixed steps: {'; '.join(found)}. AMSGrad in JAX keeps one step count for "
-        "all parameters (in PyTorch, parameters without gradients skip steps)."
-    )
-  count = 0
-  if steps:
-    step = next(iter(steps))
-    if step < 0 or step != int(step):
-      raise ValueError(f"The step {step} is not a whole number of steps.")
-    count = int(step)
+  entries = _torch_entries(state_dict, ids)
+  count = 0 if entries is None else _torch_step(entries)
+  moments = None if entries is None else _torch_moments(entries, plan, what)
 
-  moments: list[_Moments] | None = None
-  if steps:
-    moments = []
-    for i, j in enumerate(plan.order):
-      entry = entries[j]
-      assert entry is not None
-      values = [_numpy(entry[k]) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")]
-      for value in values:
-        _check_shape(plan, i, value.shape, what)
-      _check_complex(plan, i, np.iscomplexobj(values[0]), what)
-      moments.append(_Moments(*(_to_params_layout(v, plan.axes[i]) for v in values)))
-
-  # The solver, group by group.
-  transforms = []
   options: dict[str, Any] = {"convention": "pytorch", "mu_dtype": mu_dtype, "nu_dtype": nu_dtype,
-             "state_rounding": state_rounding, "seed": seed}
-  for g, group in enumerate(groups):
-    lr = _lr_or_override(learning_rate, g, len(groups))
-    if lr is None:
-      if "initial_lr" in group:
-        raise ValueError(
-            f"Param group {g} has initial_lr: an LR scheduler drives this "
-            "optimizer, and schedulers do not travel in the state dict. Pass "
-            f"learning_rate=: the current lr ({_float('lr', group['lr'])!r}) to keep "
-            "it constant, or an Optax schedule of the step count."
-        )
-      lr = _float("lr", group["lr"])
-    b1, b2 = (_float(f"betas[{k}]", b) for k, b in enumerate(group["betas"]))
-    eps = _float("eps", group["eps"])
-    wd = _float("weight_decay", group["weight_decay"])
-    decoupled = group.get("decoupled_weight_decay", decoupled_weight_decay)
-    if decoupled is None:
-      if wd != 0:
-        raise ValueError(
-            f"Param group {g} has weight_decay={wd} but the state dict does not "
-            "say whether it is Adam's (coupled) or AdamW's (decoupled): pass "
-            "decoupled_weight_decay=True for AdamW, False for Adam."
-        )
-      decoupled = False
-    if decoupled:
-      transforms.append(_alias.amsgradw(lr, b1, b2, eps, weight_decay=wd, **options))
-    elif wd != 0:
-      transforms.append(optax.chain(
-          optax.add_decayed_weights(wd), _alias.amsgrad(lr, b1, b2, eps, **options)
-      ))
-    else:
-      transforms.append(_alias.amsgrad(lr, b1, b2, eps, **options))
-  solver: optax.GradientTransformation
-  if len(transforms) == 1:
-    solver = transforms[0]
-  else:
+                             "state_rounding": state_rounding, "seed": seed}
+  transforms = [
+      _torch_group_solver(group, g, _lr_or_override(learning_rate, g, len(groups)),
+                          _torch_decoupled(group, g, decoupled_weight_decay), options)
+      for g, group in enumerate(groups)
+  ]
+  solver: optax.GradientTransformation = transforms[0]
+  if len(transforms) > 1:
     labels = treedef.unflatten([group_of[j] for j in plan.order])
-    solver = optax.partition(dict(enumerate(transforms)), labels)
+    solver = partition(dict(enumerate(transforms)), labels)
   opt_state = _filled(solver, params, moments, count,
                       stochastic=state_rounding == "stochastic", seed=seed)
   return solver, opt_state
 
 
-def to_torch(
-    opt_state: optax.OptState,
-    torch_optimizer: Any,
-    *,
-    order: Sequence[int] | None = None,
-    layouts: Layouts = None,
-) -> dict[str, Any]:
-  """A state dict for ``torch_optimizer.load_state_dict`` that continues ``opt_state``.
-
-  ``torch_optimizer`` is a ``torch.optim.Adam`` or ``AdamW`` with
-  ``amsgrad=True`` built on the parameters that correspond to the leaves of
-  the state (typically the JAX params copied into a torch model); it gives the
-  hyperparameters, which :func:`from_torch` reads back. ``opt_state`` is the
-  state of an ``optax_amsgrad`` solver with ``convention="pytorch"`` (or
-  ``"keras"`` or ``"paper"``, whose state means the same; not ``"optax"``,
-  whose ``nu_max`` is bias-corrected). Narrow moments are widened to the
-  parameters' dtype.
-
-  Example::
-
-    torch_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
-    torch_optimizer.load_state_dict(optax_amsgrad.to_torch(opt_state, torch_optimizer))
-
-  Args:
-    opt_state: the state of an ``optax_amsgrad`` solver: :func:`amsgrad`,
-      :func:`amsgradw`, or chains and ``optax.partition`` of them.
-    torch_optimizer: the ``torch.optim.Adam/AdamW(amsgrad=True)`` to continue.
-    order: as in :func:`from_torch`.
-    layouts: as in :func:`from_torch`, a tree shaped like the params.
-
-  Returns:
-    The state dict, with the optimizer's own param groups.
-
-  Raises:
-    TypeError: not a torch Adam or AdamW; no AMSGrad state in ``opt_state``.
-    ValueError: ``amsgrad=False``, a parameter count or shape that does not
-      match, mixed steps across the state's groups.
-    NotImplementedError: ``maximize=True``; complex parameters whose second
-      moment is kept as ``|g|**2``, or complex against real.
-  """
+def _torch_adam(torch_optimizer: Any) -> Any:
   import torch
 
   if not isinstance(torch_optimizer, torch.optim.Adam):
@@ -640,6 +394,88 @@ def to_torch(
         "torch_optimizer must be a torch.optim.Adam or AdamW (with amsgrad=True); "
         f"got {type(torch_optimizer).__qualname__}."
     )
+  return torch
+
+
+def _torch_facts(torch: Any, torch_optimizer: Any) -> list[Facts]:
+  """What the optimizer computes, per parameter (counting through its param
+  groups); the learning rate is None where an LR scheduler drives it."""
+  adamw = isinstance(torch_optimizer, torch.optim.AdamW)
+  facts = []
+  for group in torch_optimizer.param_groups:
+    b1, b2 = (_float(f"betas[{k}]", b) for k, b in enumerate(group["betas"]))
+    lr = None if "initial_lr" in group else _float("lr", group["lr"])
+    one = Facts(
+        convention="pytorch", b1=b1, b2=b2, eps=_float("eps", group["eps"]), eps_root=0.0,
+        learning_rate=lr, weight_decay=_float("weight_decay", group["weight_decay"]),
+        decoupled=bool(group.get("decoupled_weight_decay", adamw)),
+        mu_dtype=None, nu_dtype=None,
+    )
+    facts.extend([one] * len(group["params"]))
+  return facts
+
+
+def _torch_dtype(tensor: Any) -> np.dtype:
+  return jnp.dtype(str(tensor.dtype).removeprefix("torch."))
+
+
+def to_torch(
+    opt_state: optax.OptState,
+    torch_optimizer: Any,
+    *,
+    solver: optax.GradientTransformation,
+    order: Sequence[int] | None = None,
+    layouts: Layouts = None,
+) -> dict[str, Any]:
+  """A state dict for ``torch_optimizer.load_state_dict`` that continues ``opt_state``.
+
+  ``torch_optimizer`` is a ``torch.optim.Adam`` or ``AdamW`` with
+  ``amsgrad=True`` built on the parameters that correspond to the leaves of
+  the state (typically the JAX params copied into a torch model), with the
+  hyperparameters of ``solver``: the state does not say what computed it, so
+  ``solver`` says, and it must compute what the torch optimizer will, leaf
+  by leaf: convention ``"pytorch"`` (the ``"keras"``, ``"optax"`` and
+  ``"paper"`` states continue under another formula), the same ``b1``,
+  ``b2``, ``eps``, no ``eps_root``, the same constant learning rate (where
+  both have one), the same weight decay in the same form (``AdamW``'s
+  decoupled is :func:`amsgradw`, ``Adam``'s coupled
+  :func:`coupled_weight_decay`), and moments the torch optimizer holds as
+  they are (narrow moments are widened exactly to the parameters' dtype; a
+  wider state would be rounded). Every difference is named in one
+  ``ValueError``; the torch optimizer's hyperparameters are its own and are
+  not overwritten.
+
+  Example::
+
+    torch_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
+    torch_optimizer.load_state_dict(
+        optax_amsgrad.to_torch(opt_state, torch_optimizer, solver=solver))
+
+  Args:
+    opt_state: the state of an ``optax_amsgrad`` solver: :func:`amsgrad`,
+      :func:`amsgradw`, or chains and ``optax.partition`` of them.
+    torch_optimizer: the ``torch.optim.Adam/AdamW(amsgrad=True)`` to continue.
+    solver: the solver ``opt_state`` is the state of, as :func:`amsgrad`,
+      :func:`amsgradw` or :func:`scale_by_amsgrad` made it, or as
+      :func:`from_torch` returned it; :func:`coupled_weight_decay` and
+      :func:`partition` for Adam's weight decay and several param groups (a
+      plain ``optax.chain`` or ``optax.partition`` hides what it computes).
+    order: as in :func:`from_torch`.
+    layouts: as in :func:`from_torch`, a tree shaped like the params.
+
+  Returns:
+    The state dict, with the optimizer's own param groups.
+
+  Raises:
+    TypeError: not a torch Adam or AdamW; no AMSGrad state in ``opt_state``;
+      a ``solver`` that does not say what it computes.
+    ValueError: ``amsgrad=False``, a parameter count or shape that does not
+      match, mixed steps across the state's groups, a ``solver`` that
+      computes otherwise than the torch optimizer.
+    NotImplementedError: ``maximize=True``; complex parameters whose second
+      moment is kept as ``|g|**2``, or complex against real.
+  """
+  torch = _torch_adam(torch_optimizer)
   template = torch_optimizer.state_dict()
   _torch_groups(template)
   tensors = [p for group in torch_optimizer.param_groups for p in group["params"]]
@@ -647,15 +483,29 @@ def to_torch(
   collected = _collected(opt_state)
   what = "torch optimizer"
   plan = _plan(collected.plan_leaves, collected.treedef, len(ids), what, order, layouts)
-  state: dict[Any, Any] = {}
+  for i, j in enumerate(plan.order):
+    _check_shape(plan, i, tuple(tensors[j].shape), what)
+    _check_complex(plan, i, bool(tensors[j].is_complex()), what)
+    _check_state_complex(collected, plan, i, what)
+  facts = _torch_facts(torch, torch_optimizer)
+  _check_solver(solver, collected, plan, [facts[j] for j in plan.order],
+                [_torch_dtype(tensors[j]) for j in plan.order], what)
+  return {"state": _torch_state(torch, collected, plan, tensors, ids),
+          "param_groups": template["param_groups"]}
+
+
+def _torch_state(
+    torch: Any, collected: _Collected, plan: _Plan, tensors: Sequence[Any], ids: Sequence[Any]
+) -> dict[Any, Any]:
+  """The ``state`` of the state dict: per parameter, the moments as tensors
+  like the parameter's, and the step; empty before the first step (PyTorch
+  has no state then)."""
+  if collected.step_count == 0:
+    return {}
   step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+  state: dict[Any, Any] = {}
   for i, j in enumerate(plan.order):
     tensor = tensors[j]
-    _check_shape(plan, i, tuple(tensor.shape), what)
-    _check_complex(plan, i, bool(tensor.is_complex()), what)
-    _check_state_complex(collected, plan, i, what)
-    if collected.step_count == 0:
-      continue  # PyTorch has no state before the first step.
 
     def torch_tensor(value: Any, like: Any = tensor, axes: Any = plan.axes[i]) -> Any:
       array = _to_framework_layout(_state_numpy(value), axes)
@@ -668,7 +518,7 @@ def to_torch(
         "exp_avg_sq": torch_tensor(nu),
         "max_exp_avg_sq": torch_tensor(nu_max),
     }
-  return {"state": state, "param_groups": template["param_groups"]}
+  return state
 
 
 # --- Keras --------------------------------------------------------------------
@@ -703,6 +553,115 @@ def _keras_adam(keras_optimizer: Any) -> Any:
   return keras
 
 
+def _keras_private(keras_optimizer: Any, name: str) -> Any:
+  """A private attribute of the Keras optimizer, or an error naming the
+  installed Keras where it is not there (Keras does not promise them)."""
+  try:
+    return getattr(keras_optimizer, name)
+  except AttributeError:
+    import keras
+
+    raise RuntimeError(
+        f"keras_optimizer ({type(keras_optimizer).__qualname__}) has no {name}: "
+        "optax_amsgrad reads the optimizer's state through private attributes of "
+        f"Keras, tested for keras{KERAS_TESTED}, and Keras {keras.__version__} is "
+        f"installed. Install a Keras in that range (pip install 'keras{KERAS_TESTED}')."
+    ) from None
+
+
+def _keras_buffers(keras_optimizer: Any) -> tuple[Any, Any, Any]:
+  """The optimizer's momentums, velocities and velocity_hats, one variable
+  per trainable variable."""
+  names = ("_momentums", "_velocities", "_velocity_hats")
+  mu, nu, nu_max = (_keras_private(keras_optimizer, name) for name in names)
+  return mu, nu, nu_max
+
+
+def _keras_variables(keras_optimizer: Any) -> list[Any] | None:
+  """The variables the optimizer was built on; None if it is not built."""
+  if not keras_optimizer.built:
+    return None
+  return list(_keras_private(keras_optimizer, "_trainable_variables"))
+
+
+def _keras_moments(
+    keras_optimizer: Any, variables: Sequence[Any], plan: _Plan, what: str
+) -> list[_Moments]:
+  """Each leaf's moments, from its variable's buffers, in the params' layout."""
+  buffers = _keras_buffers(keras_optimizer)
+  moments = []
+  for i, j in enumerate(plan.order):
+    _check_shape(plan, i, tuple(variables[j].shape), what)
+    _check_complex(plan, i, "complex" in str(variables[j].dtype), what)
+    if plan.complex[i]:
+      raise NotImplementedError(
+          f"params leaf {i} ({plan.paths[i]}) is complex: Keras' AMSGrad is for "
+          "real variables."
+      )
+    values = [_numpy(buffer[j].value) for buffer in buffers]
+    moments.append(_Moments(*(_to_params_layout(v, plan.axes[i]) for v in values)))
+  return moments
+
+
+def _keras_learning_rate(keras: Any, keras_optimizer: Any) -> float | None:
+  """The optimizer's learning rate (its float32 value); None for a schedule."""
+  rate = _keras_private(keras_optimizer, "_learning_rate")
+  # A variable otherwise (whose class keras.Variable is not before Keras 3.6).
+  if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule) or callable(rate):
+    return None
+  return float(_numpy(getattr(rate, "value", rate)))
+
+
+def _keras_weight_decay(keras_optimizer: Any) -> float:
+  wd = keras_optimizer.weight_decay
+  return 0.0 if wd is None else _float("weight_decay", wd)
+
+
+def _keras_decays(keras_optimizer: Any, variables: Sequence[Any] | None) -> list[bool] | None:
+  """Whether each variable decays (``exclude_from_weight_decay``); None when
+  the optimizer is not built and excludes nothing (every variable decays).
+
+  Keras matches the exclusions to the variables (by identity, by a pattern of
+  their names) when it builds; before that, the variables' names are
+  unknown here, so an unbuilt optimizer that excludes any is refused."""
+  if variables is not None:
+    use = _keras_private(keras_optimizer, "_use_weight_decay")
+    return [bool(use(variable)) for variable in variables]
+  excluded = getattr(keras_optimizer, "_exclude_from_weight_decay", None)
+  pattern = getattr(keras_optimizer, "_exclude_from_weight_decay_pattern", None)
+  configured = hasattr(keras_optimizer, "_exclude_from_weight_decay_cache")
+  if excluded or pattern is not None or (configured and excluded is None):
+    names = f" (var_names matching {pattern.pattern!r})" if pattern is not None else ""
+    raise ValueError(
+        f"keras_optimizer is not built and excludes variables from its weight decay{names}; "
+        "which variables those are is known once it is built on them: build it first "
+        "(keras_optimizer.build(model.trainable_variables)) and pass it again."
+    )
+  return None
+
+
+def _keras_facts(keras: Any, keras_optimizer: Any, variables: Sequence[Any]) -> list[Facts]:
+  """What the optimizer computes, per variable: Keras decays ``Adam`` and
+  ``AdamW`` alike, decoupled, where ``exclude_from_weight_decay`` lets it."""
+  wd = _keras_weight_decay(keras_optimizer)
+  decays = _keras_decays(keras_optimizer, variables) if wd else None
+  one = Facts(
+      convention="keras",
+      b1=_float("beta_1", keras_optimizer.beta_1),
+      b2=_float("beta_2", keras_optimizer.beta_2),
+      eps=_float("epsilon", keras_optimizer.epsilon),
+      eps_root=0.0,
+      learning_rate=_keras_learning_rate(keras, keras_optimizer),
+      weight_decay=wd,
+      decoupled=True,
+      mu_dtype=None,
+      nu_dtype=None,
+  )
+  if decays is None:
+    return [one] * len(variables)
+  return [one if decay else one._replace(weight_decay=0.0) for decay in decays]
+
+
 def from_keras(
     keras_optimizer: Any,
     params: optax.Params,
@@ -724,13 +683,19 @@ def from_keras(
   ``solver.init(params)`` holding the optimizer's ``momentums``,
   ``velocities``, ``velocity_hats`` and ``iterations``.
 
+  Keras keeps these in private attributes, read here as Keras 3.5 to 3.15
+  (``optax_amsgrad.interop.KERAS_TESTED``) keep them; another Keras that
+  lacks one gets a ``RuntimeError`` naming its version.
+
   Example::
 
     solver, state = optax_amsgrad.from_keras(model.optimizer, params)
 
   Args:
-    keras_optimizer: a built Keras 3 ``Adam`` or ``AdamW`` with
-      ``amsgrad=True`` (an unbuilt one has taken no step: the state is zero).
+    keras_optimizer: a Keras 3 ``Adam`` or ``AdamW`` with ``amsgrad=True``,
+      built (an unbuilt one has taken no step: the state is zero; it must be
+      built if it excludes variables from its weight decay, since Keras
+      matches them to the variables when it builds).
     params: the parameters, whose ``jax.tree.leaves`` are the variables the
       optimizer was built on (in the order of ``order``).
     order: ``order[i]`` is the optimizer's variable for leaf ``i``.
@@ -750,72 +715,70 @@ def from_keras(
     TypeError: not a Keras ``Adam`` or ``AdamW``.
     ValueError: ``amsgrad=False``, a variable count or shape that does not match
       ``params``, a bad ``order`` or ``layouts``, a learning-rate schedule
-      without ``learning_rate``.
+      without ``learning_rate``, an unbuilt optimizer with weight-decay
+      exclusions.
     NotImplementedError: gradient clipping, gradient accumulation, EMA,
       callable hyperparameters, complex variables.
+    RuntimeError: a Keras without the private attributes read here.
   """
   keras = _keras_adam(keras_optimizer)
   leaves_with_paths, treedef_ = jax.tree_util.tree_flatten_with_path(params)
   treedef: Any = treedef_  # PyTreeDef's stubs lack unflatten
-  built = keras_optimizer.built
-  variables = list(keras_optimizer._trainable_variables) if built else []
+  variables = _keras_variables(keras_optimizer)
   what = "Keras optimizer"
-  count_fw = len(variables) if built else len(leaves_with_paths)
-  plan = _plan(leaves_with_paths, treedef, count_fw, what, order, layouts)
-  count = int(_numpy(keras_optimizer.iterations)) if built else 0
-  moments: list[_Moments] | None = None
-  if built:
-    moments = []
-    for i, j in enumerate(plan.order):
-      _check_shape(plan, i, tuple(variables[j].shape), what)
-      _check_complex(plan, i, "complex" in str(variables[j].dtype), what)
-      if plan.complex[i]:
-        raise NotImplementedError(
-            f"params leaf {i} ({plan.paths[i]}) is complex: Keras' AMSGrad is for "
-            "real variables."
-        )
-      values = [_numpy(buffers[j].value) for buffers in (
-          keras_optimizer._momentums, keras_optimizer._velocities,
-          keras_optimizer._velocity_hats)]
-      moments.append(_Moments(*(_to_params_layout(v, plan.axes[i]) for v in values)))
-
-  lr: optax.ScalarOrSchedule | None = learning_rate
-  if lr is None:
-    schedule = keras_optimizer._learning_rate
-    if not isinstance(schedule, keras.Variable):
-      raise ValueError(
-          f"keras_optimizer's learning rate is {schedule!r}, a schedule, which "
-          "does not travel: pass learning_rate= (an Optax schedule of the step "
-          "count, or a float)."
-      )
-    lr = float(_numpy(schedule.value))
-  b1 = _float("beta_1", keras_optimizer.beta_1)
-  b2 = _float("beta_2", keras_optimizer.beta_2)
-  eps = _float("epsilon", keras_optimizer.epsilon)
-  options: dict[str, Any] = {"convention": "keras", "mu_dtype": mu_dtype, "nu_dtype": nu_dtype,
-             "state_rounding": state_rounding, "seed": seed}
-  wd = keras_optimizer.weight_decay
-  solver: optax.GradientTransformation
-  if wd is None or _float("weight_decay", wd) == 0:
-    solver = _alias.amsgrad(lr, b1, b2, eps, **options)
-  else:
-    mask: Any = None
-    if built:
-      decays = [bool(keras_optimizer._use_weight_decay(variables[j])) for j in plan.order]
-      if not all(decays):
-        mask = treedef.unflatten(decays)
-    solver = _alias.amsgradw(
-        lr, b1, b2, eps, weight_decay=_float("weight_decay", wd), mask=mask, **options
-    )
+  plan = _plan(leaves_with_paths, treedef,
+               len(leaves_with_paths) if variables is None else len(variables),
+               what, order, layouts)
+  count, moments = 0, None
+  if variables is not None:
+    count = int(_numpy(keras_optimizer.iterations))
+    moments = _keras_moments(keras_optimizer, variables, plan, what)
+  solver = _keras_solver(keras, keras_optimizer, variables, plan, treedef, learning_rate, {
+      "convention": "keras", "mu_dtype": mu_dtype, "nu_dtype": nu_dtype,
+      "state_rounding": state_rounding, "seed": seed})
   opt_state = _filled(solver, params, moments, count,
                       stochastic=state_rounding == "stochastic", seed=seed)
   return solver, opt_state
+
+
+def _keras_solver(
+    keras: Any,
+    keras_optimizer: Any,
+    variables: Sequence[Any] | None,
+    plan: _Plan,
+    treedef: Any,
+    learning_rate: optax.ScalarOrSchedule | None,
+    options: dict[str, Any],
+) -> optax.GradientTransformation:
+  """amsgrad, or amsgradw masked where Keras excludes variables from the
+  decay, with the optimizer's hyperparameters."""
+  lr = learning_rate
+  if lr is None:
+    lr = _keras_learning_rate(keras, keras_optimizer)
+    if lr is None:
+      raise ValueError(
+          f"keras_optimizer's learning rate is {keras_optimizer._learning_rate!r}, a "
+          "schedule, which does not travel: pass learning_rate= (an Optax schedule of "
+          "the step count, or a float)."
+      )
+  b1 = _float("beta_1", keras_optimizer.beta_1)
+  b2 = _float("beta_2", keras_optimizer.beta_2)
+  eps = _float("epsilon", keras_optimizer.epsilon)
+  wd = _keras_weight_decay(keras_optimizer)
+  if wd == 0:
+    return _alias.amsgrad(lr, b1, b2, eps, **options)
+  decays = _keras_decays(keras_optimizer, variables)
+  mask: Any = None
+  if decays is not None and not all(decays):
+    mask = treedef.unflatten([decays[j] for j in plan.order])
+  return _alias.amsgradw(lr, b1, b2, eps, weight_decay=wd, mask=mask, **options)
 
 
 def to_keras(
     opt_state: optax.OptState,
     keras_optimizer: Any,
     *,
+    solver: optax.GradientTransformation,
     order: Sequence[int] | None = None,
     layouts: Layouts = None,
 ) -> None:
@@ -824,52 +787,62 @@ def to_keras(
   The optimizer must be built on the variables that correspond to the state's
   leaves (``keras_optimizer.build(model.trainable_variables)``); its
   ``momentums``, ``velocities``, ``velocity_hats`` and ``iterations`` are
-  assigned, its hyperparameters are its own. ``opt_state`` is as in
-  :func:`to_torch`.
+  assigned, its hyperparameters are its own. ``solver`` must compute what the
+  optimizer will, as in :func:`to_torch`: convention ``"keras"``, the same
+  ``b1``, ``b2``, ``eps`` (``epsilon``), no ``eps_root``, the same constant
+  learning rate (in float32, as Keras holds it), the same decoupled weight
+  decay where Keras applies it (:func:`amsgradw` with a mask for
+  ``exclude_from_weight_decay``), and moments the variables hold as they
+  are. Every difference is named in one ``ValueError``.
 
   Example::
 
     keras_optimizer.build(model.trainable_variables)
-    optax_amsgrad.to_keras(opt_state, keras_optimizer)
+    optax_amsgrad.to_keras(opt_state, keras_optimizer, solver=solver)
 
   Args:
     opt_state: the state of an ``optax_amsgrad`` solver.
     keras_optimizer: the built Keras ``Adam`` or ``AdamW`` to continue.
+    solver: the solver ``opt_state`` is the state of, as in :func:`to_torch`.
     order: as in :func:`from_keras`.
     layouts: as in :func:`from_keras`.
 
   Raises:
     TypeError: not a Keras ``Adam`` or ``AdamW``; no AMSGrad state in
-      ``opt_state``.
+      ``opt_state``; a ``solver`` that does not say what it computes.
     ValueError: ``amsgrad=False``, an unbuilt optimizer, a variable count or
-      shape that does not match, mixed steps across the state's groups.
+      shape that does not match, mixed steps across the state's groups, a
+      ``solver`` that computes otherwise than the optimizer.
     NotImplementedError: gradient clipping, gradient accumulation, EMA,
       complex leaves.
+    RuntimeError: a Keras without the private attributes written here.
   """
-  _keras_adam(keras_optimizer)
-  if not keras_optimizer.built:
+  keras = _keras_adam(keras_optimizer)
+  variables = _keras_variables(keras_optimizer)
+  if variables is None:
     raise ValueError(
         "keras_optimizer is not built: build it on the model's variables first "
         "(keras_optimizer.build(model.trainable_variables))."
     )
-  variables = list(keras_optimizer._trainable_variables)
   collected = _collected(opt_state)
   what = "Keras optimizer"
   plan = _plan(collected.plan_leaves, collected.treedef, len(variables), what, order, layouts)
-  writes = []
   for i, j in enumerate(plan.order):
     _check_shape(plan, i, tuple(variables[j].shape), what)
     if plan.complex[i]:
       raise NotImplementedError(
           f"Leaf {i} ({plan.paths[i]}) is complex: Keras' AMSGrad is for real variables."
       )
-    for buffers, value in zip(
-        (keras_optimizer._momentums, keras_optimizer._velocities,
-         keras_optimizer._velocity_hats),
-        collected.moments[i], strict=True):
-      variable = buffers[j]
+  buffers = _keras_buffers(keras_optimizer)
+  facts = _keras_facts(keras, keras_optimizer, variables)
+  _check_solver(solver, collected, plan, [facts[j] for j in plan.order],
+                [jnp.dtype(str(buffers[0][j].dtype)) for j in plan.order], what,
+                learning_rate_dtype=np.float32)
+  writes = []
+  for i, j in enumerate(plan.order):
+    for buffer, value in zip(buffers, collected.moments[i], strict=True):
       array = _to_framework_layout(_state_numpy(value), plan.axes[i])
-      writes.append((variable, array.astype(jnp.dtype(str(variable.dtype)))))
+      writes.append((buffer[j], array.astype(jnp.dtype(str(buffer[j].dtype)))))
   for variable, array in writes:
     variable.assign(array)
   keras_optimizer.iterations.assign(collected.step_count)
@@ -885,38 +858,169 @@ def _replaced(opt_state: optax.OptState, old: type[Any], new: Callable[..., Any]
   )
 
 
-def from_optax(opt_state: optax.OptState) -> optax.OptState:
-  """The state of ``optax.amsgrad`` as the state of ``amsgrad(convention="optax")``.
+# optax.scale_by_amsgrad's options, read from its update function's closure
+# (Optax keeps them nowhere else); the two flags are Optax 0.2.8's.
+_OPTAX_OPTIONS = ("b1", "b2", "eps", "eps_root", "mu_dtype",
+                  "bias_correction_mu", "bias_correction_nu")
+
+
+def _optax_options(optimizer: Any) -> list[dict[str, Any]]:
+  """The options of each ``optax.scale_by_amsgrad`` inside ``optimizer``,
+  found through the closures of its update function (and of those it
+  calls)."""
+  found: list[dict[str, Any]] = []
+  seen: set[int] = set()
+
+  def visit(value: Any, depth: int) -> None:
+    if id(value) in seen or depth > 12:
+      return
+    seen.add(id(value))
+    if isinstance(value, (tuple, list)):
+      for item in value:
+        visit(item, depth + 1)
+      return
+    code = getattr(value, "__code__", None)
+    if code is None:
+      return
+    cells = dict(zip(code.co_freevars, value.__closure__ or (), strict=True))
+    if value.__qualname__.startswith("scale_by_amsgrad.") and set(_OPTAX_OPTIONS) <= set(cells):
+      found.append({name: cells[name].cell_contents for name in _OPTAX_OPTIONS})
+      return
+    for cell in cells.values():
+      try:
+        visit(cell.cell_contents, depth + 1)
+      except ValueError:  # an empty cell
+        continue
+
+  visit(getattr(optimizer, "update", optimizer), 0)
+  return found
+
+
+def _optax_bias_correction(
+    optimizer: Any, bias_correction_mu: bool | None, bias_correction_nu: bool | None
+) -> tuple[tuple[bool, bool], dict[str, Any] | None]:
+  """The two bias-correction flags, from ``optimizer`` where given (with its
+  options) and from the arguments; refuses what disagrees or is missing."""
+  options: dict[str, Any] | None = None
+  flags = (bias_correction_mu, bias_correction_nu)
+  if optimizer is not None:
+    found = _optax_options(optimizer)
+    if len(found) != 1:
+      raise ValueError(
+          f"optimizer: found {len(found)} optax.scale_by_amsgrad in it, where one was "
+          "expected (an optax.amsgrad, or a chain holding one); pass "
+          "bias_correction_mu= and bias_correction_nu= instead."
+      )
+    options = found[0]
+    read = (bool(options["bias_correction_mu"]), bool(options["bias_correction_nu"]))
+    for name, given, have in zip(("bias_correction_mu", "bias_correction_nu"), flags, read,
+                                 strict=True):
+      if given is not None and bool(given) != have:
+        raise ValueError(f"{name}={given} but the optimizer has {name}={have}.")
+    flags = read
+  if flags[0] is None or flags[1] is None:
+    raise TypeError(
+        "from_optax needs to know how optax.amsgrad corrected its bias: pass "
+        "optimizer= (the optax.amsgrad the state comes from) or both "
+        "bias_correction_mu= and bias_correction_nu= (Optax's defaults are True)."
+    )
+  return (bool(flags[0]), bool(flags[1])), options
+
+
+def _optax_differences(
+    opt_state: optax.OptState, solver: Any, convention: str, options: dict[str, Any] | None
+) -> list[str]:
+  """Each way ``solver`` would continue the state otherwise than Optax: its
+  convention against the one the bias correction makes, and, where the
+  optimizer's options are known, ``b1``, ``b2``, ``eps`` and ``eps_root``;
+  its storage against the state's."""
+  nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAmsgradState))
+  states = [node for node in nodes if isinstance(node, optax.ScaleByAmsgradState)]
+  if not states:
+    raise TypeError("opt_state holds no optax.ScaleByAmsgradState: not a state of optax.amsgrad.")
+  with_paths = jax.tree_util.tree_flatten_with_path(states[0].mu)[0]
+  names = [f"leaf {i} {jax.tree_util.keystr(path)}" for i, (path, _) in enumerate(with_paths)]
+  ours = leaf_facts(solver, states[0].mu)
+  known = {} if options is None else {k: options[k] for k in ("b1", "b2", "eps", "eps_root")}
+  theirs = [f._replace(convention=convention, **known) for f in ours]
+  dtypes = [(jnp.result_type(mu), jnp.result_type(nu))
+            for mu, nu in zip(jax.tree.leaves(states[0].mu), jax.tree.leaves(states[0].nu),
+                              strict=True)]
+  return differences(ours, theirs, names) + storage_differences(
+      ours, dtypes, [nu for _, nu in dtypes], names, "Optax optimizer")
+
+
+def from_optax(
+    opt_state: optax.OptState,
+    optimizer: optax.GradientTransformation | None = None,
+    *,
+    solver: optax.GradientTransformation,
+    bias_correction_mu: bool | None = None,
+    bias_correction_nu: bool | None = None,
+) -> optax.OptState:
+  """The state of ``optax.amsgrad`` as the state of ``solver``, which continues it.
 
   The values continue as they are: ``optax.amsgrad``'s state has the same
-  fields (``count``, ``mu``, ``nu`` and the bias-corrected ``nu_max``), and
-  ``convention="optax"`` reads them as Optax does. Only the state's class
-  changes, in chains and partitions too.
+  fields (``count``, ``mu``, ``nu`` and ``nu_max``), and only the state's
+  class changes, in chains and partitions too. What ``nu_max`` holds depends
+  on Optax's bias correction: with ``bias_correction_mu`` and
+  ``bias_correction_nu`` (Optax's defaults) it is the bias-corrected maximum
+  of ``convention="optax"``; with neither, the raw maximum and uncorrected
+  ``m`` of ``convention="paper"``. One without the other has no convention
+  here and is refused. The flags are read from ``optimizer`` where it is
+  given, else taken from the arguments; ``solver`` must have the matching
+  convention and, where ``optimizer`` is given, its ``b1``, ``b2``, ``eps``,
+  ``eps_root`` and ``mu_dtype``: every difference is named in one
+  ``ValueError``.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optax_amsgrad
     >>> params = jnp.array([1.0, -2.0])
-    >>> state = optax.amsgrad(0.1).init(params)
-    >>> _, state = optax.amsgrad(0.1).update(2 * params, state)
+    >>> theirs = optax.amsgrad(0.1)
+    >>> _, state = theirs.update(2 * params, theirs.init(params))
     >>> solver = optax_amsgrad.amsgrad(0.1, convention="optax")
-    >>> updates, state = solver.update(2 * params, optax_amsgrad.from_optax(state))
+    >>> state = optax_amsgrad.from_optax(state, theirs, solver=solver)
+    >>> updates, state = solver.update(2 * params, state)
     >>> int(state[0].count)
     2
 
   Args:
     opt_state: a state of ``optax.amsgrad`` (or any state holding
       ``optax.ScaleByAmsgradState``).
+    optimizer: the ``optax.amsgrad`` (or ``optax.scale_by_amsgrad``, or a
+      chain holding one) the state comes from; its options are read from it.
+    solver: the ``optax_amsgrad`` solver that continues the state.
+    bias_correction_mu: Optax's flag, where ``optimizer`` is not given.
+    bias_correction_nu: Optax's flag, where ``optimizer`` is not given.
 
   Returns:
     The same state with ``optax_amsgrad.ScaleByAmsgradState`` in place of
     ``optax.ScaleByAmsgradState``.
+
+  Raises:
+    TypeError: neither ``optimizer`` nor both flags; a ``solver`` that does
+      not say what it computes.
+    ValueError: flags that disagree with ``optimizer``, one bias correction
+      without the other, a ``solver`` that computes otherwise.
   """
+  (mu_flag, nu_flag), options = _optax_bias_correction(
+      optimizer, bias_correction_mu, bias_correction_nu)
+  if mu_flag != nu_flag:
+    raise ValueError(
+        f"bias_correction_mu={mu_flag} with bias_correction_nu={nu_flag} is no "
+        "convention of optax_amsgrad: both (convention='optax') or neither "
+        "(convention='paper') continue exactly."
+    )
+  convention = "optax" if mu_flag else "paper"
+  refuse(_optax_differences(opt_state, solver, convention, options),
+         f"Optax optimizer (bias_correction_mu={mu_flag}, bias_correction_nu={nu_flag})")
   return _replaced(opt_state, optax.ScaleByAmsgradState, _transform.ScaleByAmsgradState)
 
 
 def to_optax(opt_state: optax.OptState) -> optax.OptState:
   """The reverse of :func:`from_optax`: a state of ``amsgrad(convention="optax")``
-  for ``optax.amsgrad``."""
+  for ``optax.amsgrad`` (or of ``convention="paper"`` for ``optax.amsgrad``
+  with ``bias_correction_mu=False`` and ``bias_correction_nu=False``)."""
   return _replaced(opt_state, _transform.ScaleByAmsgradState, optax.ScaleByAmsgradState)

@@ -22,6 +22,7 @@ import optax
 import pytest
 
 import optax_amsgrad
+from optax_amsgrad import interop
 
 from trajectories import max_relative_difference
 
@@ -119,7 +120,7 @@ class TorchCase:
 
 def _partition(first, second, layout: Layout):
   labels = [0, 1, 1] if not layout.flax else {"bias": 1, "kernel": 0, "scale": 1}
-  return optax.partition({0: first, 1: second}, labels)
+  return interop.partition({0: first, 1: second}, labels)
 
 
 TORCH_CASES = [
@@ -133,7 +134,7 @@ TORCH_CASES = [
     TorchCase(
         "adam_coupled_weight_decay",
         lambda torch, p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1, amsgrad=True),
-        lambda: optax.chain(optax.add_decayed_weights(0.1), optax_amsgrad.amsgrad(1e-2)),
+        lambda: interop.coupled_weight_decay(0.1, optax_amsgrad.amsgrad(1e-2)),
     ),
     TorchCase(
         "adam_betas_eps",
@@ -150,7 +151,7 @@ TORCH_CASES = [
         ),
         lambda: _partition(
             optax_amsgrad.amsgrad(1e-2, b1=0.8, b2=0.99),
-            optax.chain(optax.add_decayed_weights(0.05), optax_amsgrad.amsgrad(3e-3)),
+            interop.coupled_weight_decay(0.05, optax_amsgrad.amsgrad(3e-3)),
             PLAIN,
         ),
     ),
@@ -216,7 +217,7 @@ def test_handover_jax_to_torch(torch, case):
   params, state, _ = run_jax(solver, params, solver.init(params), grads[:K], case.layout)
   moved = TorchRun(torch, case, case.layout.from_jax(params))
   moved.optimizer.load_state_dict(
-      optax_amsgrad.to_torch(state, moved.optimizer, **case.layout.options)
+      optax_amsgrad.to_torch(state, moved.optimizer, solver=solver, **case.layout.options)
   )
   actual = moved.run(grads[K:])
   difference = relative(actual, expected[K:])
@@ -231,7 +232,7 @@ def test_from_torch_state_is_the_optimizers_exactly_and_goes_back_unchanged(torc
   run.run(gradients(K, seed=6))
   state_dict = run.optimizer.state_dict()
   params = FLAX.to_jax(run.params())
-  _, state = optax_amsgrad.from_torch(state_dict, params, **FLAX.options)
+  solver, state = optax_amsgrad.from_torch(state_dict, params, **FLAX.options)
   inner = state[0]
   assert int(inner.count) == K
   for ours, theirs in (("mu", "exp_avg"), ("nu", "exp_avg_sq"), ("nu_max", "max_exp_avg_sq")):
@@ -240,7 +241,7 @@ def test_from_torch_state_is_the_optimizers_exactly_and_goes_back_unchanged(torc
     np.testing.assert_array_equal(tree["bias"], state_dict["state"][1][theirs].numpy())
   # The spikes make the maximum differ from the average (nu and nu_max are told apart).
   assert np.any(np.asarray(inner.nu_max["kernel"]) > np.asarray(inner.nu["kernel"]))
-  back = optax_amsgrad.to_torch(state, run.optimizer, **FLAX.options)
+  back = optax_amsgrad.to_torch(state, run.optimizer, solver=solver, **FLAX.options)
   assert back["param_groups"] == state_dict["param_groups"]
   for j, entry in state_dict["state"].items():
     for key, value in entry.items():
@@ -261,7 +262,8 @@ def test_handover_before_the_first_step(torch):
   _, _, actual = run_jax(solver, params, state, grads, PLAIN)
   assert relative(actual, expected) <= TOLERANCE
   # And back: a fresh state is an empty torch state.
-  assert optax_amsgrad.to_torch(solver.init(params), fresh.optimizer)["state"] == {}
+  assert optax_amsgrad.to_torch(solver.init(params), fresh.optimizer,
+                                solver=solver)["state"] == {}
 
 
 @pytest.mark.parity
@@ -356,15 +358,15 @@ def test_bfloat16_state_is_rounded_as_the_solver_stores_it(state_rounding):
 def test_bfloat16_state_goes_to_torch_widened(torch):
   m, v, v_max = _moments(15, shape=(16,))
   params = [jnp.zeros(16, jnp.float32)]
-  _, state = optax_amsgrad.from_torch(_numpy_state_dict(4, [(m, v, v_max)]), params,
-                                      mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
-  optimizer = torch.optim.Adam([torch.zeros(16, requires_grad=True)], amsgrad=True)
-  back = optax_amsgrad.to_torch(state, optimizer)["state"][0]
+  solver, state = optax_amsgrad.from_torch(_numpy_state_dict(4, [(m, v, v_max)]), params,
+                                           mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+  optimizer = torch.optim.Adam([torch.zeros(16, requires_grad=True)], lr=1e-2, amsgrad=True)
+  back = optax_amsgrad.to_torch(state, optimizer, solver=solver)["state"][0]
   assert float(back["step"]) == 4
   for key, ours in (("exp_avg", state[0].mu), ("max_exp_avg_sq", state[0].nu_max)):
     assert back[key].dtype == torch.float32
     np.testing.assert_array_equal(back[key].numpy(), np.asarray(ours[0], np.float32))
-  optimizer.load_state_dict(optax_amsgrad.to_torch(state, optimizer))
+  optimizer.load_state_dict(optax_amsgrad.to_torch(state, optimizer, solver=solver))
 
 
 def test_state_is_placed_as_init_places_it():
@@ -526,7 +528,7 @@ def test_handover_jax_to_keras(keras, case):
   _, _, expected = run_jax(solver, params, solver.init(params), grads, PLAIN)
   params, state, _ = run_jax(solver, params, solver.init(params), grads[:K], PLAIN)
   moved = KerasRun(keras, case, PLAIN.from_jax(params))
-  optax_amsgrad.to_keras(state, moved.optimizer)
+  optax_amsgrad.to_keras(state, moved.optimizer, solver=solver)
   actual = moved.run(grads[K:])
   difference = relative(actual, expected[K:])
   print(f"\nhand-over keras {case.name} jax->keras: {difference:.1e}")
@@ -543,7 +545,7 @@ def test_optax_amsgrad_state_continues_under_the_optax_convention():
   _, _, expected = run_jax(theirs, params, theirs.init(params), grads, PLAIN)
   params, state, _ = run_jax(theirs, params, theirs.init(params), grads[:K], PLAIN)
   ours = optax_amsgrad.amsgrad(1e-2, convention="optax")
-  moved = optax_amsgrad.from_optax(state)
+  moved = optax_amsgrad.from_optax(state, theirs, solver=ours)
   for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(state), strict=True):
     assert a is b  # the values as they are
   params_after, state_after, actual = run_jax(ours, params, moved, grads[K:], PLAIN)
@@ -652,17 +654,18 @@ def test_learning_rate_override_continues_a_schedule():
 def test_to_torch_bad_input(torch):
   weights = [torch.zeros(3, requires_grad=True)]
   params = [jnp.zeros(3)]
-  state = optax_amsgrad.amsgrad(1e-2).init(params)
+  solver = optax_amsgrad.amsgrad(1e-2)
+  state = solver.init(params)
   with pytest.raises(TypeError, match=r"must be a torch.optim.Adam or AdamW .*got SGD"):
-    optax_amsgrad.to_torch(state, torch.optim.SGD(weights, lr=0.1))
+    optax_amsgrad.to_torch(state, torch.optim.SGD(weights, lr=0.1), solver=solver)
   with pytest.raises(ValueError, match="amsgrad=False"):
-    optax_amsgrad.to_torch(state, torch.optim.Adam(weights))
+    optax_amsgrad.to_torch(state, torch.optim.Adam(weights), solver=solver)
   amsgrad = torch.optim.Adam(weights, amsgrad=True)
   with pytest.raises(TypeError, match=r"optax.amsgrad's state, whose nu_max is bias-corrected"):
-    optax_amsgrad.to_torch(optax.amsgrad(1e-2).init(params), amsgrad)
+    optax_amsgrad.to_torch(optax.amsgrad(1e-2).init(params), amsgrad, solver=solver)
   with pytest.raises(ValueError, match=r"Parameter 0 of the torch optimizer has shape \(3,\), "
                                        r"but params leaf 0 \(\[0\]\) has shape \(4,\)"):
-    optax_amsgrad.to_torch(optax_amsgrad.amsgrad(1e-2).init([jnp.zeros(4)]), amsgrad)
+    optax_amsgrad.to_torch(solver.init([jnp.zeros(4)]), amsgrad, solver=solver)
   split = optax.partition({0: optax_amsgrad.amsgrad(1e-2), 1: optax_amsgrad.amsgrad(1e-3)},
                           [0, 1])
   split_state = split.init([jnp.zeros(3), jnp.zeros(3)])
@@ -672,13 +675,15 @@ def test_to_torch_bad_input(torch):
       inner_state=(inner[0]._replace(count=jnp.asarray(7, jnp.int32)), inner[1]))
   two = torch.optim.Adam([torch.zeros(3), torch.zeros(3)], amsgrad=True)
   with pytest.raises(ValueError, match=r"Mixed steps: .* step counts \[1, 7\]"):
-    optax_amsgrad.to_torch(split_state, two)
+    optax_amsgrad.to_torch(split_state, two, solver=split)
   complex_weights = [torch.zeros(3, dtype=torch.complex64, requires_grad=True)]
   keras_state = optax_amsgrad.amsgrad(1e-2, convention="keras").init([jnp.zeros(3, jnp.complex64)])
   with pytest.raises(NotImplementedError, match="is complex and its nu is real"):
-    optax_amsgrad.to_torch(keras_state, torch.optim.Adam(complex_weights, amsgrad=True))
+    optax_amsgrad.to_torch(keras_state, torch.optim.Adam(complex_weights, amsgrad=True),
+                           solver=solver)
   with pytest.raises(NotImplementedError, match="maximize=True"):
-    optax_amsgrad.to_torch(state, torch.optim.Adam(weights, amsgrad=True, maximize=True))
+    optax_amsgrad.to_torch(state, torch.optim.Adam(weights, amsgrad=True, maximize=True),
+                           solver=solver)
 
 
 @pytest.mark.parity
@@ -700,7 +705,8 @@ def test_keras_bad_input(keras):
     optax_amsgrad.from_keras(built, params * 2)
   with pytest.raises(ValueError, match="keras_optimizer is not built"):
     optax_amsgrad.to_keras(optax_amsgrad.amsgrad(1e-2).init(params),
-                           keras.optimizers.Adam(amsgrad=True))
+                           keras.optimizers.Adam(amsgrad=True), solver=optax_amsgrad.amsgrad(1e-2))
   with pytest.raises(ValueError, match=r"Parameter 0 of the Keras optimizer has shape \(3,\), "
                                        r"but params leaf 0 \(\[0\]\) has shape \(2,\)"):
-    optax_amsgrad.to_keras(optax_amsgrad.amsgrad(1e-2).init([jnp.zeros(2)]), built)
+    optax_amsgrad.to_keras(optax_amsgrad.amsgrad(1e-2).init([jnp.zeros(2)]), built,
+                           solver=optax_amsgrad.amsgrad(1e-2))

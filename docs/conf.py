@@ -34,7 +34,6 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
-    "sphinx.ext.viewcode",
     "myst_nb",
     "sphinx_copybutton",
     "api_coverage",
@@ -65,6 +64,8 @@ python_use_unqualified_type_names = True
 html_theme = "sphinx_book_theme"
 html_title = f"optax-amsgrad {release}"
 html_static_path = ["_static"]
+# A page without an icon makes the browser ask for /favicon.ico.
+html_favicon = "_static/favicon.svg"
 html_theme_options = {
     "repository_url": "https://github.com/optax-amsgrad/optax-amsgrad",
     "use_repository_button": True,
@@ -75,6 +76,8 @@ html_theme_options = {
     "navigation_with_keys": False,
 }
 html_last_updated_fmt = None
+# Without it the theme logs a console error on a first visit (no stored mode).
+html_context = {"default_mode": "light"}
 copybutton_prompt_text = r">>> |\.\.\. |\$ "
 copybutton_prompt_is_regexp = True
 

@@ -70,7 +70,7 @@ def load(root: Path, name: str) -> dict[str, Any]:
 
 
 # The versions the line under a table names, where the run recorded them.
-PACKAGES = ("jax", "jaxlib", "optax", "torch", "orbax-checkpoint")
+PACKAGES = ("jax", "jaxlib", "optax", "torch", "keras", "orbax-checkpoint")
 # The vector extensions that bound a streaming step, widest first: the line
 # names the widest the machine had.
 SIMD = (("avx512f", "avx512_bf16"), ("avx2",))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(DOCS / "_ext"))
 
 project = "optax-amsgrad"
 author = "optax-amsgrad developers"
-copyright = "optax-amsgrad developers"  # noqa: A001
+copyright = "optax-amsgrad developers"
 release = importlib.metadata.version("optax-amsgrad")
 version = release
 

@@ -86,13 +86,13 @@ def _api_entry(name: str) -> str:
   module, short = name.rsplit(".", 1)
   page = "optax_amsgrad" if module == "optax_amsgrad" else module.removeprefix("optax_amsgrad.")
   text = (ROOT / "docs" / "api" / f"{page}.rst").read_text()
-  match = re.search(rf"^\.\. (?:py:data|autodata|py:function)::\s+{re.escape(short)}\b.*?(?=^\.\. |\Z)",
-                    text, re.S | re.M)
+  directive = r"^\.\. (?:py:data|autodata|py:function)::\s+"
+  match = re.search(rf"{directive}{re.escape(short)}\b.*?(?=^\.\. |\Z)", text, re.S | re.M)
   return match.group(0) if match else ""
 
 
 def _function_or_class(name: str) -> Any:
-  """The object ``name`` names if it is a function or class, else None (a type alias, a constant)."""
+  """The object ``name`` names if it is a function or class, else None (an alias, a constant)."""
   import importlib
   import inspect
 

@@ -1,6 +1,7 @@
 """Renders the stored benchmark results into the READMEs as markdown tables.
 
-A block in ``README.md`` or ``benchmarks/README.md`` is the text between::
+A block in ``README.md``, ``benchmarks/README.md`` or a page of the site
+(``docs/**/*.md``) is the text between::
 
   <!-- render:NAME -->
   <!-- /render:NAME -->
@@ -11,18 +12,23 @@ and is rendered from the JSON in ``benchmarks/results``. Blocks:
 * ``compile_time.first_call``: first call and compiles of the train step,
 * ``compile_time.step_time``: the step time on the XLA path,
 * ``step_time.vs_torch_fused``: step time relative to torch fused (``README.md``),
-* ``step_time.limit_first_call``: fraction of the limit, first call and the
+* ``step_time.limit_first_call``: fraction of the reference rate, first call and the
   1e7 medians (``README.md``),
 * ``step_time.one_pass``: the kernels of one step and their 1e7 step time,
 * ``step_time.vs_optax``: step time relative to ``optax.amsgrad``,
-* ``step_time.vs_torch_and_limit``: ratio to torch fused and fraction of the limit,
+* ``step_time.vs_torch_and_limit``: ratio to torch fused and fraction of the reference rate,
 * ``step_time.compiled``: kernels, bytes per parameter and temporaries,
 * ``step_time.first_call``: the first call against the number of leaves,
 * ``step_time_steady``: ratio to torch fused with more kept steps per block,
 * ``after_switch``: step time by position in a block after a pause,
 * ``state_precision``: quality, state bytes and step time of each state dtype,
 * ``state_precision.open_loop``: the bias of the stored ``nu``, open loop,
-* ``checkpoint_cost``: step time with and without saving checkpoints.
+* ``checkpoint_cost``: step time with and without saving checkpoints,
+* ``parity``: the maximum relative difference of every parity case, live and
+  against the recorded trajectories (``parity.json``, from
+  ``benchmarks/parity_report.py``),
+* ``step_time.update_vs_fused``: one sentence, ``update`` and ``apply_step``
+  against torch fused over one large leaf (the FAQ).
 
 Every table is followed by a line naming the run it came from, read from the
 ``meta`` that ``benchmarks/machine.py``'s ``provenance`` writes into every
@@ -51,6 +57,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = ("README.md", "benchmarks/README.md")
+# The site's pages hold blocks too (the guides carry most of the tables).
+DOCS_PAGES = "docs/**/*.md"
+DOCS_SKIPPED = ("docs/_build/", "docs/notebooks/")
+
+
+def documents(root: Path) -> list[str]:
+  """The files whose blocks are rendered: the READMEs and the site's pages."""
+  pages = sorted(str(path.relative_to(root)) for path in root.glob(DOCS_PAGES))
+  return [*READMES, *(page for page in pages if not page.startswith(DOCS_SKIPPED))]
 BLOCK = re.compile(
     r"<!-- render:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /render:(?P=name) -->", re.DOTALL
 )
@@ -70,7 +85,7 @@ def load(root: Path, name: str) -> dict[str, Any]:
 
 
 # The versions the line under a table names, where the run recorded them.
-PACKAGES = ("jax", "jaxlib", "optax", "torch", "orbax-checkpoint")
+PACKAGES = ("jax", "jaxlib", "optax", "torch", "keras", "orbax-checkpoint")
 # The vector extensions that bound a streaming step, widest first: the line
 # names the widest the machine had.
 SIMD = (("avx512f", "avx512_bf16"), ("avx2",))
@@ -200,7 +215,7 @@ def compile_step_time(root: Path) -> str:
   report = load(root, "compile_time")
   st = report["step_time"]
   lines = [
-      "| step | state | median | q1 to q3 | vs `optax.amsgrad` | fraction of the limit |",
+      "| step | state | median | q1 to q3 | vs `optax.amsgrad` | fraction of the reference rate |",
       "|---|---|---|---|---|---|",
   ]
   for name, entry in st["variants"].items():
@@ -312,7 +327,7 @@ def step_time_limit_first_call(root: Path) -> str:
   rows = []
   for case in report["cases"]:
     if case["leaves"] == 1 and case["params"] >= 10**7:
-      rows.append([f"fraction of the limit, {short_count(case['params'])}",
+      rows.append([f"fraction of the reference rate, {short_count(case['params'])}",
                    *(f"{case['variants'][name]['fraction_of_limit']:.2f}"
                      for name, _ in columns)])
   most = max(row["leaves"] for row in report["compile"])
@@ -337,7 +352,7 @@ def step_time_limit_first_call(root: Path) -> str:
   sentence = (
       f"Median step times at {short_count(case['params'])} parameters: {medians}, with a "
       f"streaming floor of {floor['median_ms']:.2f} ms for `a + s*b` "
-      f"({case['bandwidth_GBps']:.1f} GB/s, so a limit of {case['limit_ms']:.2f} ms at "
+      f"({case['bandwidth_GBps']:.1f} GB/s, so a reference time of {case['limit_ms']:.2f} ms at "
       f"{variants['ours']['min_bytes_per_param']} bytes per parameter)."
   )
   return "\n".join(lines) + "\n\n" + sentence + "\n\n" + step_time_provenance(report)
@@ -392,7 +407,7 @@ def step_time_vs_torch_and_limit(root: Path) -> str:
         " / ".join(f"{variants[name]['fraction_of_limit']:.2f}" for name in limit),
     ])
   lines = table(
-      ["params", *LATEST_RUN, "fraction of the limit: ours / apply_step / flat / flat "
+      ["params", *LATEST_RUN, "fraction of the reference rate: ours / apply_step / flat / flat "
        "apply_step / optax / torch fused"], rows)
   return "\n".join(lines) + "\n\n" + step_time_provenance(report)
 
@@ -641,6 +656,57 @@ def checkpoint_cost(root: Path) -> str:
   return "\n".join(lines) + "\n\n" + provenance(report, runs)
 
 
+# What each parity case runs in its framework (the optax_amsgrad side is in
+# tests/parity_cases.py).
+PARITY_CASES = {
+    "torch_adam": "`Adam(lr=1e-2, amsgrad=True)`",
+    "torch_adam_hyperparameters": "`betas=(0.8, 0.99), eps=1e-6`",
+    "torch_adam_coupled_l2": "`weight_decay=0.1`",
+    "torch_adamw": "`AdamW(weight_decay=0.1, amsgrad=True)`",
+    "torch_adam_complex": "complex128 params",
+    "keras_adam": "`Adam(learning_rate=2**-7, epsilon=1e-7, amsgrad=True)`",
+    "keras_adamw": "`AdamW(weight_decay=0.125, amsgrad=True)`",
+    "optax_amsgrad": "`optax.amsgrad(1e-2)` vs `convention=\"optax\"`",
+}
+FRAMEWORK_LABELS = {"keras": "keras (JAX backend)"}
+
+
+def parity(root: Path) -> str:
+  report = load(root, "parity")
+  versions = meta_of(report)["versions"]
+  rows = []
+  for case in report["cases"]:
+    framework = case["framework"]
+    label = FRAMEWORK_LABELS.get(framework, framework)
+    if versions.get(framework):
+      label = label.replace(framework, f"{framework} {versions[framework]}", 1)
+    what = PARITY_CASES.get(case["name"])
+    rows.append([
+        f"`{case['name']}`" + (f": {what}" if what else ""), label,
+        "not installed" if case["live"] is None else f"{case['live']:.1e}",
+        f"{case['recorded']:.1e}",
+    ])
+  lines = table(["case", "framework", "live", "recorded"], rows)
+  runs = "1,000 float64 steps per case, the largest relative difference over steps and params"
+  return "\n".join(lines) + "\n\n" + provenance(report, runs)
+
+
+def step_time_update_vs_fused(root: Path) -> str:
+  """``update`` and ``apply_step`` against torch fused, over the one-leaf cases."""
+  report = load(root, "step_time")
+  cases = [case for case in report["cases"] if case["leaves"] == 1
+           and "torch_fused" in case["variants"]]
+
+  def ratios(variant: str) -> str:
+    return ", ".join(f"{case['variants'][variant]['ratio_vs_torch_fused']:.2f}" for case in cases)
+
+  sizes = ", ".join(short_count(case["params"]) for case in cases)
+  return (f"Against PyTorch's fused `Adam(amsgrad=True)` over one leaf of {sizes} float32 "
+          f"params, `apply_step` took {ratios('ours.apply_step')} times its step time and "
+          f"`update` {ratios('ours')} times, in one interleaved run.\n\n"
+          + step_time_provenance(report))
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "compile_time": compile_both,
     "compile_time.first_call": compile_first_call,
@@ -657,6 +723,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "state_precision": state_precision,
     "state_precision.open_loop": state_precision_open_loop,
     "checkpoint_cost": checkpoint_cost,
+    "parity": parity,
+    "step_time.update_vs_fused": step_time_update_vs_fused,
 }
 
 
@@ -687,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--root", type=Path, default=ROOT, help="the repository's root")
   args = parser.parse_args(argv)
   failed = False
-  for relative in READMES:
+  for relative in documents(args.root):
     path = args.root / relative
     if not path.exists():
       continue

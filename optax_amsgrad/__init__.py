@@ -1,5 +1,7 @@
 """AMSGrad for JAX and Optax, following PyTorch, Keras, Optax or the paper."""
 
+import importlib.metadata
+
 from optax_amsgrad._alias import amsgrad, amsgradw
 from optax_amsgrad._flat import (
     FlatState,
@@ -18,7 +20,11 @@ from optax_amsgrad._transform import (
 from optax_amsgrad.cpu import available as cpu_kernel_available
 from optax_amsgrad.interop import from_keras, from_optax, from_torch, to_keras, to_optax, to_torch
 
-__version__ = "0.1.0"
+# The version is written once, in pyproject.toml; the installed metadata carries it.
+try:
+  __version__ = importlib.metadata.version("optax-amsgrad")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+  __version__ = "0+unknown"
 
 __all__ = [
     "Convention",

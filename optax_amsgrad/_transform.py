@@ -149,14 +149,14 @@ def scale_by_amsgrad(
   ``v = b2 v + (1 - b2) |g|^2``, the update ``u`` (apply ``-learning_rate * u``)
   is, by ``convention``:
 
-  =============  ====================  ======================================
-  convention     ``nu_max`` holds      update ``u``
-  =============  ====================  ======================================
-  ``"pytorch"``  ``max(nu_max, v)``    ``(m/bc1) / (sqrt(nu_max/bc2) + eps)``
-  ``"keras"``    ``max(nu_max, v)``    ``(m/bc1) sqrt(bc2) / (sqrt(nu_max) + eps)``
+  =============  ======================  ============================================
+  convention     ``nu_max`` holds        update ``u``
+  =============  ======================  ============================================
+  ``"pytorch"``  ``max(nu_max, v)``      ``(m/bc1) / (sqrt(nu_max/bc2) + eps)``
+  ``"keras"``    ``max(nu_max, v)``      ``(m/bc1) sqrt(bc2) / (sqrt(nu_max) + eps)``
   ``"optax"``    ``max(nu_max, v/bc2)``  ``(m/bc1) / (sqrt(nu_max) + eps)``
-  ``"paper"``    ``max(nu_max, v)``    ``m / (sqrt(nu_max) + eps)``
-  =============  ====================  ======================================
+  ``"paper"``    ``max(nu_max, v)``      ``m / (sqrt(nu_max) + eps)``
+  =============  ======================  ============================================
 
   ``eps_root`` is added under the square root in every convention. The
   ``"pytorch"`` convention treats the real and imaginary parts of complex

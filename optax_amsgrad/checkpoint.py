@@ -109,13 +109,40 @@ _COMMIT_FILE = "commit_success.txt"
 
 
 class CheckpointMismatchError(ValueError):
-  """The checkpoint's tree, shapes or dtypes differ from the target's."""
+  """The checkpoint's tree, shapes or dtypes differ from the target's.
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> from optax_amsgrad import checkpoint
+    >>> directory = tempfile.TemporaryDirectory()
+    >>> checkpoint.save(directory.name + "/w", {"w": jnp.ones(3)})
+    >>> try:
+    ...   checkpoint.restore(directory.name + "/w", {"w": jnp.ones(4)})
+    ... except checkpoint.CheckpointMismatchError as error:
+    ...   print(str(error).splitlines()[1])
+      ['w']: shape (3,) in the checkpoint, (4,) in the target
+    >>> directory.cleanup()
+  """
 
 
 class CheckpointNotFoundError(FileNotFoundError):
   """No complete checkpoint where one was asked for. The message names the
   path and says what is there: nothing, an interrupted save, a directory
-  without a checkpoint, or (for :meth:`Manager.restore`) the steps there are."""
+  without a checkpoint, or (for :meth:`Manager.restore`) the steps there are.
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> from optax_amsgrad import checkpoint
+    >>> directory = tempfile.TemporaryDirectory()
+    >>> try:
+    ...   checkpoint.restore(directory.name + "/none", {"w": jnp.ones(3)})
+    ... except FileNotFoundError as error:
+    ...   print(type(error).__name__)
+    CheckpointNotFoundError
+    >>> directory.cleanup()
+  """
 
 
 def _orbax() -> Any:

@@ -83,6 +83,14 @@ class LinearProblem:
     probability: stochastic problems: the chance of ``large`` at each step.
     lower: lower end of the box ``F``.
     upper: upper end of the box ``F``.
+
+  Examples:
+    >>> from optax_amsgrad import problems
+    >>> problem = problems.LinearProblem(name="spiky", large=3.0, small=-1.0, period=3)
+    >>> problem == problems.theorem1(3.0)
+    False
+    >>> problem.period, problem.lower, problem.upper
+    (3, -1.0, 1.0)
   """
 
   name: str
@@ -286,6 +294,14 @@ class Trajectory(NamedTuple):
     final_x: ``x_{T+1}``, the iterate after the last step.
     trace: ``trace(state)`` of the optimizer state after step ``t``, stacked
       along a leading axis, or ``None`` without ``trace``.
+
+  Examples:
+    >>> import optax_amsgrad
+    >>> from optax_amsgrad import problems
+    >>> run = problems.run(problems.online(), optax_amsgrad.amsgrad(0.1), 300,
+    ...                    record_every=100)
+    >>> run.t.tolist(), run.x.shape, run.trace is None
+    ([100, 200, 300], (3,), True)
   """
 
   t: jax.Array

@@ -246,10 +246,11 @@ def test_render_check_passes_on_the_committed_files():
 
 
 def copy_rendered_files(root: Path) -> None:
-  """The READMEs and the stored results, copied under ``root``."""
+  """The READMEs, the site's pages and the stored results, copied under ``root``."""
   results = [path.relative_to(ROOT).as_posix()
              for path in (ROOT / "benchmarks" / "results").glob("*.json")]
-  for relative in ("README.md", "benchmarks/README.md", *results):
+  pages = [path.relative_to(ROOT).as_posix() for path in (ROOT / "docs").glob("guides/*.md")]
+  for relative in ("README.md", "benchmarks/README.md", *pages, *results):
     (root / relative).parent.mkdir(parents=True, exist_ok=True)
     (root / relative).write_text((ROOT / relative).read_text())
 
@@ -269,8 +270,10 @@ def edit_block(path: Path, name: str, old: str, new: str) -> str:
     ("benchmarks/README.md", "compile_time.step_time", "| 1.00 |", "| 0.90 |"),
     ("benchmarks/README.md", "step_time.vs_optax", "| 1.00 |", "| 0.90 |"),
     ("benchmarks/README.md", "after_switch", "| 3 ms |", "| 4 ms |"),
-    ("README.md", "state_precision", "| float32 | 12 |", "| float32 | 16 |"),
-    ("README.md", "checkpoint_cost", "| none |", "| off |"),
+    ("docs/guides/state_precision.md", "state_precision", "| float32 | 12 |",
+     "| float32 | 16 |"),
+    ("docs/guides/checkpoints.md", "checkpoint_cost", "| none |", "| off |"),
+    ("docs/guides/conventions.md", "parity", "| optax 0.2.8 |", "| optax 0.2.7 |"),
 ])
 def test_render_check_names_a_block_edited_by_hand(tmp_path, relative, name, old, new):
   copy_rendered_files(tmp_path)
@@ -297,7 +300,7 @@ def test_render_check_fails_when_the_stored_results_change(tmp_path):
   path.write_text(json.dumps(report))
   result = run_render("--check", "--root", str(tmp_path))
   assert result.returncode == 1
-  assert "README.md: block checkpoint_cost differs" in result.stderr
+  assert "docs/guides/checkpoints.md: block checkpoint_cost differs" in result.stderr
 
 
 def test_state_precision_control_row_reads_its_label_and_movement_from_the_results(tmp_path):

@@ -324,6 +324,18 @@ def from_torch(
         layouts={"bias": None, "kernel": (1, 0)},  # (out, in) -> (in, out)
     )
 
+  Examples:
+    >>> import torch
+    >>> import optax_amsgrad
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    >>> torch_optimizer = torch.optim.Adam([w], lr=0.1, amsgrad=True)
+    >>> w.grad = torch.tensor([2.0, -1.0])
+    >>> torch_optimizer.step()
+    >>> solver, state = optax_amsgrad.from_torch(
+    ...     torch_optimizer.state_dict(), {"w": w.detach().numpy()})
+    >>> int(state[0].count), state[0].nu_max["w"]
+    (1, Array([0.004, 0.001], dtype=float32))
+
   Args:
     state_dict: ``torch_optimizer.state_dict()``, before or after the first
       step, or one read back with ``torch.load``; tensors may live on any
@@ -450,6 +462,21 @@ def to_torch(
     torch_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
     torch_optimizer.load_state_dict(
         optax_amsgrad.to_torch(opt_state, torch_optimizer, solver=solver))
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import torch
+    >>> import optax_amsgrad
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> solver = optax_amsgrad.amsgrad(0.1)
+    >>> state = solver.init(params)
+    >>> _, state = solver.update({"w": jnp.array([2.0, -1.0])}, state, params)
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    >>> torch_optimizer = torch.optim.Adam([w], lr=0.1, amsgrad=True)
+    >>> torch_optimizer.load_state_dict(
+    ...     optax_amsgrad.to_torch(state, torch_optimizer, solver=solver))
+    >>> torch_optimizer.state[w]["max_exp_avg_sq"]
+    tensor([0.0040, 0.0010])
 
   Args:
     opt_state: the state of an ``optax_amsgrad`` solver: :func:`amsgrad`,
@@ -691,6 +718,19 @@ def from_keras(
 
     solver, state = optax_amsgrad.from_keras(model.optimizer, params)
 
+  Examples:
+    >>> import os
+    >>> _ = os.environ.setdefault("KERAS_BACKEND", "jax")
+    >>> import keras
+    >>> import numpy as np
+    >>> import optax_amsgrad
+    >>> w = keras.Variable(np.array([1.0, 2.0], np.float32))
+    >>> keras_optimizer = keras.optimizers.Adam(learning_rate=0.1, amsgrad=True)
+    >>> _ = keras_optimizer.apply_gradients([(np.array([2.0, -1.0], np.float32), w)])
+    >>> solver, state = optax_amsgrad.from_keras(keras_optimizer, {"w": np.asarray(w)})
+    >>> int(state[0].count), state[0].nu_max["w"]
+    (1, Array([0.004, 0.001], dtype=float32))
+
   Args:
     keras_optimizer: a Keras 3 ``Adam`` or ``AdamW`` with ``amsgrad=True``,
       built (an unbuilt one has taken no step: the state is zero; it must be
@@ -799,6 +839,24 @@ def to_keras(
 
     keras_optimizer.build(model.trainable_variables)
     optax_amsgrad.to_keras(opt_state, keras_optimizer, solver=solver)
+
+  Examples:
+    >>> import os
+    >>> _ = os.environ.setdefault("KERAS_BACKEND", "jax")
+    >>> import jax.numpy as jnp
+    >>> import keras
+    >>> import numpy as np
+    >>> import optax_amsgrad
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> solver = optax_amsgrad.amsgrad(0.1, eps=1e-7, convention="keras")
+    >>> state = solver.init(params)
+    >>> _, state = solver.update({"w": jnp.array([2.0, -1.0])}, state, params)
+    >>> w = keras.Variable(np.array([1.0, 2.0], np.float32))
+    >>> keras_optimizer = keras.optimizers.Adam(learning_rate=0.1, amsgrad=True)
+    >>> keras_optimizer.build([w])
+    >>> optax_amsgrad.to_keras(state, keras_optimizer, solver=solver)
+    >>> int(keras_optimizer.iterations)
+    1
 
   Args:
     opt_state: the state of an ``optax_amsgrad`` solver.
@@ -1022,5 +1080,19 @@ def from_optax(
 def to_optax(opt_state: optax.OptState) -> optax.OptState:
   """The reverse of :func:`from_optax`: a state of ``amsgrad(convention="optax")``
   for ``optax.amsgrad`` (or of ``convention="paper"`` for ``optax.amsgrad``
-  with ``bias_correction_mu=False`` and ``bias_correction_nu=False``)."""
+  with ``bias_correction_mu=False`` and ``bias_correction_nu=False``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_amsgrad
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = optax_amsgrad.amsgrad(1e-3, convention="optax").init(params)
+    >>> optax_state = optax_amsgrad.to_optax(state)
+    >>> isinstance(optax_state[0], optax.ScaleByAmsgradState)
+    True
+    >>> updates, optax_state = optax.amsgrad(1e-3).update({"w": jnp.ones(2)}, optax_state)
+    >>> int(optax_state[0].count)
+    1
+  """
   return _replaced(opt_state, _transform.ScaleByAmsgradState, optax.ScaleByAmsgradState)

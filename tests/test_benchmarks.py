@@ -305,7 +305,7 @@ def test_render_check_fails_when_the_stored_results_change(tmp_path):
 
 def test_state_precision_control_row_reads_its_label_and_movement_from_the_results(tmp_path):
   copy_rendered_files(tmp_path)
-  readme = tmp_path / "README.md"
+  readme = tmp_path / "docs" / "guides" / "state_precision.md"
   text = readme.read_text()
   assert "float32, params perturbed (sensitivity control)" in text
   assert "moved params by 3.1e-04" not in text

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_amsgrad import _blockwise
+
 CONVENTIONS = ("pytorch", "keras", "optax", "paper")
 STATE_ROUNDINGS = ("stochastic", "nearest")
 
@@ -241,9 +243,13 @@ def resolve_storage_dtype(name: str, dtype: Any) -> jnp.dtype | None:
         f"{name} must be a dtype (such as jnp.float32 or 'bfloat16') or None; "
         f"got {dtype!r}."
     ) from error
+  if resolved == np.dtype(np.int8):
+    # Blockwise 8-bit storage (_blockwise).
+    return resolved
   if not jnp.issubdtype(resolved, jnp.inexact):
     raise TypeError(
-        f"{name} must be a floating-point or complex dtype; got {resolved}."
+        f"{name} must be a floating-point or complex dtype, or 'int8' for "
+        f"blockwise 8-bit storage; got {resolved}."
     )
   storage_info = jnp.finfo(_real_dtype(resolved))  # type: ignore[no-untyped-call]
   largest = float(storage_info.max)
@@ -449,9 +455,11 @@ def check_state(
                     for field in ("mu", "nu", "nu_max"))
     )
 
-  chex_checked(chex.assert_trees_all_equal_structs, state.mu, state.nu, state.nu_max,
+  # 8-bit leaves (codes and exponents) are compared as one array each.
+  mu, nu, nu_max = (_blockwise.view(tree) for tree in (state.mu, state.nu, state.nu_max))
+  chex_checked(chex.assert_trees_all_equal_structs, mu, nu, nu_max,
                error=ValueError, message=inconsistent("tree structure", jax.tree.structure))
-  chex_checked(chex.assert_trees_all_equal_shapes, state.mu, state.nu, state.nu_max,
+  chex_checked(chex.assert_trees_all_equal_shapes, mu, nu, nu_max,
                error=ValueError,
                message=inconsistent("shape per leaf", lambda t: jax.tree.map(jnp.shape, t)))
   count = state.count

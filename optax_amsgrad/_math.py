@@ -279,19 +279,24 @@ def _blockwise_stored(
   m, v, v_max = old
   if quantized[0]:
     stored_m: Any = _blockwise.store(new_m, "mu", stochastic=rounding.stochastic,
-                                     keys=rounding.keys, index=index)[0]
+                                     keys=rounding.keys, index=index)
   else:
     stored_m = store(new_m, m, "mu")
   stored_v: Any
   if quantized[1]:
-    stored_v, v_value = _blockwise.store(new_v, "nu", stochastic=rounding.stochastic,
-                                         keys=rounding.keys, index=index)
+    # nu_max's new values are v * nu_max_scale (or its old ones, which fit its
+    # old scales): the exponents they need follow from v's, in one reduction.
+    v_exponents = _blockwise.fresh_exponents(new_v, _blockwise.NU_CODE)
+    stored_v = _blockwise.store(new_v, "nu", stochastic=rounding.stochastic,
+                                keys=rounding.keys, index=index, exponents=v_exponents)
   else:
     stored_v = store(new_v, v, "nu")
     v_value = stored_v.astype(new_v.dtype)
   if quantized[2]:
+    # No need to raise it to the stored nu: its scale is at least nu's fresh
+    # one, whose codes are among its own, and it rounds up.
     stored_v_max: Any = _blockwise.store_max(
-        jnp.maximum(new_v_max, v_value * nu_max_scale), v_max)
+        new_v_max, v_max, _blockwise.scaled_exponents(v_exponents, nu_max_scale))
   else:
     stored_v_max = _rounding.store_max(new_v_max, v_max.dtype, stochastic=rounding.stochastic,
                                        at_least=v_value, scale=nu_max_scale)

@@ -39,8 +39,8 @@ def decode_state(opt_state: optax.OptState) -> optax.OptState:
     >>> state = solver.init(params)
     >>> _, state = solver.update({"w": jnp.full((64, 256), 2.0)}, state)
     >>> decoded = optax_amsgrad.decode_state(state)
-    >>> optax.tree.get(decoded, "nu_max")["w"][0, :2]  # (1 - b2) * 2**2, rounded up
-    Array([0.00402832, 0.00402832], dtype=float32)
+    >>> optax.tree.get(decoded, "nu_max")["w"][0, :2]  # (1 - b2) * 2**2 to 4 bits
+    Array([0.00390625, 0.00390625], dtype=float32)
 
   Args:
     opt_state: the state of any optimizer.

@@ -274,8 +274,8 @@ def _blockwise_stored(
     index: jax.Array | None,
 ) -> tuple[Any, Any, Any]:
   """:func:`xla_stored`'s stores where some buffer is 8-bit
-  (``_blockwise``): ``nu_max`` is the maximum of the stored ``nu`` too, then
-  rounded up under scales that never decrease."""
+  (``_blockwise``): ``nu_max`` rounded under block scales that never
+  decrease, never below its old value."""
   m, v, v_max = old
   if quantized[0]:
     stored_m: Any = _blockwise.store(new_m, "mu", stochastic=rounding.stochastic,
@@ -293,8 +293,8 @@ def _blockwise_stored(
     stored_v = store(new_v, v, "nu")
     v_value = stored_v.astype(new_v.dtype)
   if quantized[2]:
-    # No need to raise it to the stored nu: its scale is at least nu's fresh
-    # one, whose codes are among its own, and it rounds up.
+    # Not raised to the stored nu, unlike narrower floats: the stochastic
+    # rounding's noise would inflate a running maximum of it.
     stored_v_max: Any = _blockwise.store_max(
         new_v_max, v_max, _blockwise.scaled_exponents(v_exponents, nu_max_scale))
   else:

@@ -228,9 +228,6 @@ def test_nu_max_never_decreases_nor_vanishes_over_a_hostile_stream(convention):
     zeros += int(np.sum((nu_max == 0) & (true_max > 0)))
     scale = nu_max / np.maximum(true_max, 1e-38)
     assert np.all(nu >= 0) and np.all(np.isfinite(nu_max))
-    if convention == "pytorch":
-      # The stored nu never exceeds the stored maximum, as in float32.
-      assert np.all(nu <= nu_max)
     previous = nu_max
     # The same stream through round-to-nearest under fresh scales.
     v = np.asarray(reference.nu_max["w"])
@@ -301,10 +298,10 @@ def test_first_steps_within_code_resolution_of_float64_reference():
     u, state = solver.update({"w": jnp.asarray(g)}, state)
     reference.step(g)
     decoded = optax_amsgrad.decode_state(state)
-    # nu_max rounded up by less than a code step (1/8), and moved by the
-    # stochastic rounding of the nu it came from (another 1/8).
+    # nu_max rounded to nearest (half a code step, 1/16), and moved by the
+    # stochastic rounding of the nu it came from (a code step, 1/8).
     ratio = np.asarray(decoded.nu_max["w"], np.float64) / reference.v_max
-    assert np.all(ratio >= 1 - 2**-3) and np.all(ratio <= 1 + 2**-2)
+    assert np.all(ratio >= 1 - 2**-2) and np.all(ratio <= 1 + 2**-2)
     # Each stochastic rounding of mu moves it by less than a code step, at
     # most 1/8 of its magnitude; earlier errors decay with b1.
     mu_bound = 0.9 * (1 + 2**-3) * mu_bound + 2**-3 * np.abs(reference.m) + 1e-6

@@ -54,7 +54,7 @@ import optax
 from machine import CORE_PACKAGES, command_line, load_average, provenance
 
 import optax_amsgrad
-from optax_amsgrad import _blockwise, _rounding
+from optax_amsgrad import _blockwise, _rounding, _transform
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -361,9 +361,26 @@ class _EveryLeaf:
   def __enter__(self) -> None:
     self.saved = (_blockwise.MIN_SIZE, _blockwise.MIN_ROW)
     _blockwise.MIN_SIZE, _blockwise.MIN_ROW = 0, 1
+    # The per-leaf step is jitted at module level: trace it again here.
+    _transform._xla_leaf.clear_cache()
 
   def __exit__(self, *exc: object) -> None:
     _blockwise.MIN_SIZE, _blockwise.MIN_ROW = self.saved
+    _transform._xla_leaf.clear_cache()
+
+
+class _RoundedUp(_EveryLeaf):
+  """:class:`_EveryLeaf`, with ``nu_max`` rounded up (an upper bound of the
+  float32 maximum) instead of to nearest."""
+
+  def __enter__(self) -> None:
+    self.rounding = _blockwise.MAX_ROUNDING
+    _blockwise.MAX_ROUNDING = "up"
+    super().__enter__()
+
+  def __exit__(self, *exc: object) -> None:
+    _blockwise.MAX_ROUNDING = self.rounding
+    super().__exit__()
 
 
 def _nearest_max(x: jax.Array, old: Any, needed: Any = None) -> Any:
@@ -377,9 +394,9 @@ class _NearestControl(_EveryLeaf):
   """:class:`_EveryLeaf`, with ``nu_max`` rounded as :func:`_nearest_max`."""
 
   def __enter__(self) -> None:
-    super().__enter__()
     self.store_max = _blockwise.store_max
     _blockwise.store_max = _nearest_max  # type: ignore[assignment]
+    super().__enter__()
 
   def __exit__(self, *exc: object) -> None:
     _blockwise.store_max = self.store_max  # type: ignore[assignment]
@@ -395,6 +412,8 @@ INT8_VARIANTS: dict[str, tuple[Callable[[float, int], optax.GradientTransformati
     "int8": (lambda lr, seed: optax_amsgrad.amsgrad(lr, **INT8, seed=seed), None),
     # Every leaf in 8 bits.
     "int8_all": (lambda lr, seed: optax_amsgrad.amsgrad(lr, **INT8, seed=seed), _EveryLeaf),
+    # Every leaf, nu_max rounded up.
+    "int8_all_up": (lambda lr, seed: optax_amsgrad.amsgrad(lr, **INT8, seed=seed), _RoundedUp),
     # The control: every leaf, mu and nu rounded to nearest, nu_max rounded
     # to nearest under fresh scales.
     "int8_nearest_all": (

@@ -180,9 +180,9 @@ def zeros(codes: jax.Array, buffer: str) -> Quantized:
   scales start at the floor, so that ``nu_max``'s only grow."""
   del buffer
   shape = exponents_shape(tuple(codes.shape))
-  # The exponents derive from the codes (a strided slice of them), so they
-  # are placed where the codes are, sharded along the same axes.
-  exponents = codes[..., ::BLOCK].astype(jnp.int8) + jnp.int8(MIN_EXPONENT)
+  # The exponents derive from the codes by the step's own reduction, so they
+  # are placed (sharded) as the step returns them.
+  exponents = fresh_exponents(codes.astype(jnp.float32), NU_CODE).astype(jnp.int8)
   assert exponents.shape == shape
   return Quantized(codes, exponents)
 

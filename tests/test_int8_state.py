@@ -9,6 +9,8 @@ values, and the rest of the library around it.
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -456,3 +458,28 @@ def test_donated_step_keeps_no_float32_temporary_of_the_params():
   compiled = step.lower(params, state, params).compile()
   temporaries = compiled.memory_analysis().temp_size_in_bytes
   assert temporaries < 4 * params["w"].size
+
+
+def test_eight_devices_shard_the_scales_with_no_collective(tmp_path):
+  from scale_out.launch import run_script
+
+  run_script("int8_devices.py", [str(tmp_path)], host_devices=8, timeout=300)
+  report = json.loads((tmp_path / "results.json").read_text())
+  assert report["devices"] == 8 and report["quantized"]
+  # Codes and exponents sharded as their param, rows or columns, on 8 devices.
+  for case, (codes, exponents, shards) in report["placement"].items():
+    expected = "P('x', None)" if case.endswith("rows") else "P(None, 'x')"
+    assert (codes, exponents, shards) == (expected, expected, 8), case
+  assert report["collectives"] == []
+  assert report["same_as_single_device"]
+  assert report["compiles"] == 1
+
+
+def test_export_for_accelerators_has_no_custom_call():
+  params = {"w": jax.ShapeDtypeStruct((64, 512), jnp.float32)}
+  solver = optax_amsgrad.amsgrad(1e-3, **INT8)
+  state = jax.eval_shape(solver.init, params)
+  step = jax.jit(lambda p, s, g: optax_amsgrad.apply_step(solver, g, s, p))
+  for platform in ("cuda", "rocm", "tpu"):
+    exported = jax.export.export(step, platforms=[platform])(params, state, params)
+    assert "stablehlo.custom_call" not in exported.mlir_module(), platform

@@ -483,3 +483,41 @@ def test_export_for_accelerators_has_no_custom_call():
   for platform in ("cuda", "rocm", "tpu"):
     exported = jax.export.export(step, platforms=[platform])(params, state, params)
     assert "stablehlo.custom_call" not in exported.mlir_module(), platform
+
+
+def test_checkpoint_manager_resumes_bit_for_bit(tmp_path):
+  from optax_amsgrad import checkpoint
+
+  solver = optax_amsgrad.amsgradw(1e-2, weight_decay=1e-2, **INT8)
+  rng = np.random.default_rng(6)
+  initial = {"w": rng.normal(size=(32, 256)).astype(np.float32),
+             "b": np.zeros(256, np.float32)}
+  grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in initial.items()}
+           for _ in range(8)]
+  step = jax.jit(lambda p, s, g: optax_amsgrad.apply_step(solver, g, s, p),
+                 donate_argnums=(0, 1))
+
+  def run(params, state, start):
+    for g in grads[start:]:
+      params, state = step(params, state, g)
+    return jax.tree.map(np.array, (params, state))
+
+  params = jax.tree.map(jnp.asarray, initial)
+  state = solver.init(params)
+  with checkpoint.Manager(tmp_path, save_interval_steps=4) as manager:
+    for t, g in enumerate(grads[:4]):
+      params, state = step(params, state, g)
+      manager.save(t + 1, {"params": params, "opt_state": state})
+  assert _blockwise.is_quantized(state[0].nu_max["w"])
+  uninterrupted = run(params, state, 4)
+
+  fresh = jax.tree.map(jnp.asarray, initial)
+  with checkpoint.Manager(tmp_path, save_interval_steps=4) as manager:
+    restored = manager.restore(manager.latest_step(),
+                               {"params": fresh, "opt_state": solver.init(fresh)})
+  resumed = run(restored["params"], restored["opt_state"], 4)
+  leaves = jax.tree.leaves(resumed)
+  assert len(leaves) == len(jax.tree.leaves(uninterrupted))
+  for a, b in zip(leaves, jax.tree.leaves(uninterrupted), strict=True):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)

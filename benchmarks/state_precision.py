@@ -54,7 +54,7 @@ import optax
 from machine import CORE_PACKAGES, command_line, load_average, provenance
 
 import optax_amsgrad
-from optax_amsgrad import _rounding
+from optax_amsgrad import _blockwise, _rounding, _transform
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -188,6 +188,48 @@ def digits(seed: int) -> Problem:
   )
 
 
+def digits_cnn(seed: int) -> Problem:
+  """scikit-learn's 8x8 digits split into 1397 training and 400 held-out
+  images (by the seed), a CNN (two 3x3 ReLU convolutions of 16 and 32
+  channels, a dense layer of 64, softmax over 10), minibatches of 64 in the
+  seed's order; the final loss is the cross-entropy on the held-out images."""
+  from sklearn.datasets import load_digits
+
+  data = load_digits()
+  order = np.random.default_rng(seed).permutation(len(data.target))
+  images = jnp.asarray(data.images[order, :, :, None] / 16.0, jnp.float32)
+  labels = jnp.asarray(data.target[order], jnp.int32)
+  x, y, x_test, y_test = images[400:], labels[400:], images[:400], labels[:400]
+  n, batch = x.shape[0], 64
+  key = jax.random.PRNGKey(seed)
+  keys = jax.random.split(jax.random.fold_in(key, 1), 4)
+
+  def init(k, shape, fan_in):
+    return jax.random.normal(k, shape, jnp.float32) * np.sqrt(2 / fan_in)
+
+  params = {
+      "conv1": init(keys[0], (3, 3, 1, 16), 9), "b1": jnp.zeros(16, jnp.float32),
+      "conv2": init(keys[1], (3, 3, 16, 32), 144), "b2": jnp.zeros(32, jnp.float32),
+      "dense": init(keys[2], (8 * 8 * 32, 64), 2048), "b3": jnp.zeros(64, jnp.float32),
+      "out": init(keys[3], (64, 10), 64), "b4": jnp.zeros(10, jnp.float32),
+  }
+
+  def cross_entropy(params, x, labels):
+    conv = lambda h, w: jax.lax.conv_general_dilated(
+        h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.relu(conv(x, params["conv1"]) + params["b1"])
+    h = jax.nn.relu(conv(h, params["conv2"]) + params["b2"])
+    h = jax.nn.relu(h.reshape(h.shape[0], -1) @ params["dense"] + params["b3"])
+    logits = h @ params["out"] + params["b4"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  def loss(params, step):
+    index = jax.random.randint(jax.random.fold_in(key, step), (batch,), 0, n)
+    return cross_entropy(params, x[index], y[index])
+
+  return Problem(loss, lambda p: cross_entropy(p, x_test, y_test), params, 1e-3, 1000)
+
+
 PROBLEMS: dict[str, Callable[[int], Problem]] = {
     "least_squares": least_squares,
     "least_squares_minibatch": least_squares_minibatch,
@@ -195,6 +237,8 @@ PROBLEMS: dict[str, Callable[[int], Problem]] = {
     "two_layer": two_layer,
     "digits": digits,
 }
+# The 8-bit rows (--int8) also train a CNN and report a held-out loss.
+INT8_PROBLEMS: dict[str, Callable[[int], Problem]] = {**PROBLEMS, "digits_cnn": digits_cnn}
 
 
 # Prototypes of alternative storage schemes, for comparison only. Both follow
@@ -304,6 +348,138 @@ VARIANTS: dict[str, Callable[[float, int], optax.GradientTransformation]] = {
         prototype_amsgrad(KAHAN), optax.scale(-lr)
     ),
 }
+
+
+INT8 = {"mu_dtype": "int8", "nu_dtype": "int8"}
+
+
+class _EveryLeaf:
+  """Within it, every leaf of a new 8-bit state is stored in 8-bit blocks,
+  however small (the problems here are mostly small leaves, which the
+  library keeps in float32): it measures the codes themselves."""
+
+  def __enter__(self) -> None:
+    self.saved = (_blockwise.MIN_SIZE, _blockwise.MIN_ROW)
+    _blockwise.MIN_SIZE, _blockwise.MIN_ROW = 0, 1
+    # The per-leaf step is jitted at module level: trace it again here.
+    _transform._xla_leaf.clear_cache()
+
+  def __exit__(self, *exc: object) -> None:
+    _blockwise.MIN_SIZE, _blockwise.MIN_ROW = self.saved
+    _transform._xla_leaf.clear_cache()
+
+
+class _RoundedUp(_EveryLeaf):
+  """:class:`_EveryLeaf`, with ``nu_max`` rounded up (an upper bound of the
+  float32 maximum) instead of to nearest."""
+
+  def __enter__(self) -> None:
+    self.rounding = _blockwise.MAX_ROUNDING
+    _blockwise.MAX_ROUNDING = "up"
+    super().__enter__()
+
+  def __exit__(self, *exc: object) -> None:
+    _blockwise.MAX_ROUNDING = self.rounding
+    super().__exit__()
+
+
+def _nearest_max(x: jax.Array, old: Any, needed: Any = None) -> Any:
+  """``nu_max`` as 8-bit Adam libraries store their moments: rounded to
+  nearest under each step's fresh block scales (it may decrease, or vanish)."""
+  del old, needed
+  return _blockwise.quantize(x, _blockwise.NU_CODE, mode="nearest")[0]
+
+
+class _NearestControl(_EveryLeaf):
+  """:class:`_EveryLeaf`, with ``nu_max`` rounded as :func:`_nearest_max`."""
+
+  def __enter__(self) -> None:
+    self.store_max = _blockwise.store_max
+    _blockwise.store_max = _nearest_max  # type: ignore[assignment]
+    super().__enter__()
+
+  def __exit__(self, *exc: object) -> None:
+    _blockwise.store_max = self.store_max  # type: ignore[assignment]
+    super().__exit__()
+
+
+# name -> (optimizer, the context its state is made and stepped in)
+INT8_VARIANTS: dict[str, tuple[Callable[[float, int], optax.GradientTransformation], Any]] = {
+    "float32": (lambda lr, seed: optax_amsgrad.amsgrad(lr), None),
+    "float32_jitter": (lambda lr, seed: optax_amsgrad.amsgrad(lr), None),
+    "bf16_stochastic": (lambda lr, seed: optax_amsgrad.amsgrad(lr, **BF16, seed=seed), None),
+    # The library's defaults: leaves under 4096 elements stay float32.
+    "int8": (lambda lr, seed: optax_amsgrad.amsgrad(lr, **INT8, seed=seed), None),
+    # Every leaf in 8 bits.
+    "int8_all": (lambda lr, seed: optax_amsgrad.amsgrad(lr, **INT8, seed=seed), _EveryLeaf),
+    # Every leaf, nu_max rounded up.
+    "int8_all_up": (lambda lr, seed: optax_amsgrad.amsgrad(lr, **INT8, seed=seed), _RoundedUp),
+    # The control: every leaf, mu and nu rounded to nearest, nu_max rounded
+    # to nearest under fresh scales.
+    "int8_nearest_all": (
+        lambda lr, seed: optax_amsgrad.amsgrad(lr, **INT8, state_rounding="nearest"),
+        _NearestControl),
+}
+
+
+def int8_quality(seeds: list[int], steps_scale: float,
+                 problems: list[str]) -> dict[str, Any]:
+  """Final loss of each 8-bit variant against float32 state, per problem:
+  every seed's relative change, their mean and its standard error (the
+  float32 state's own noise is the jitter control's)."""
+  results: dict[str, Any] = {}
+  for name in problems:
+    make_problem = INT8_PROBLEMS[name]
+    runs = []
+    for seed in seeds:
+      problem = make_problem(seed)
+      problem = problem._replace(steps=max(1, int(problem.steps * steps_scale)))
+      run: dict[str, Any] = {"seed": seed}
+      for variant, (make, context) in INT8_VARIANTS.items():
+        params = _jitter(problem.params, seed) if variant == "float32_jitter" else problem.params
+        if context is None:
+          final, _, _ = train(problem, make(problem.learning_rate, seed), params)
+        else:
+          with context():
+            final, _, _ = train(problem, make(problem.learning_rate, seed), params)
+        run[variant] = final
+      runs.append(run)
+      print(f"  {name:24s} seed {seed}: float32 {run['float32']:.5g}  " + "  ".join(
+          f"{v} x{run[v] / run['float32']:.4f}" for v in INT8_VARIANTS if v != "float32"),
+          flush=True)
+    summary = {}
+    for variant in INT8_VARIANTS:
+      if variant == "float32":
+        continue
+      changes = np.array([run[variant] / run["float32"] - 1 for run in runs])
+      summary[variant] = {
+          "mean_relative_change": float(changes.mean()),
+          "standard_error": float(changes.std(ddof=1) / np.sqrt(len(changes)))
+          if len(changes) > 1 else None,
+          "max_abs_relative_change": float(np.abs(changes).max()),
+      }
+    problem = make_problem(seeds[0])
+    results[name] = {
+        "description": make_problem.__doc__.split("\n\n")[0].replace("\n", " "),
+        "learning_rate": problem.learning_rate,
+        "steps": max(1, int(problem.steps * steps_scale)),
+        "runs": runs,
+        "summary": summary,
+    }
+  return results
+
+
+def int8_memory() -> dict[str, float]:
+  """State bytes per parameter on a model of 4.2M params (two matrices and
+  their biases), from the state's ``nbytes``."""
+  params = {"w1": jnp.zeros((1024, 2048), jnp.float32), "b1": jnp.zeros(2048, jnp.float32),
+            "w2": jnp.zeros((2048, 1024), jnp.float32), "b2": jnp.zeros(1024, jnp.float32)}
+  size = sum(x.size for x in jax.tree.leaves(params))
+  optimizers = {"float32": optax_amsgrad.amsgrad(1e-3),
+                "bf16_stochastic": optax_amsgrad.amsgrad(1e-3, **BF16),
+                "int8": optax_amsgrad.amsgrad(1e-3, **INT8)}
+  return {name: sum(x.nbytes for x in jax.tree.leaves(opt.init(params))) / size
+          for name, opt in optimizers.items()}
 
 
 # The control's perturbation: far below any effect of the state's precision
@@ -561,7 +737,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", "--output", dest="out",
                       default=os.path.join(RESULTS, "state_precision.json"),
                       help="JSON output path")
+  parser.add_argument("--int8", action="store_true",
+                      help="the 8-bit state's rows instead, into state_precision_int8.json")
   args = parser.parse_args(argv)
+  if args.int8:
+    return int8_main(args, argv)
   seeds = list(range(2 if args.quick else args.seeds))
   steps_scale = 0.2 if args.quick else 1.0
   size = 1_000_000 if args.quick else args.size
@@ -591,6 +771,35 @@ def main(argv: list[str] | None = None) -> int:
   with open(args.out, "w") as file:
     json.dump(report, file, indent=1)
   print("wrote", args.out)
+  return 0
+
+
+def int8_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+  """``--int8``: the 8-bit state against float32 and bfloat16 state."""
+  seeds = list(range(2 if args.quick else args.seeds))
+  steps_scale = 0.2 if args.quick else 1.0
+  out = args.out
+  if out == os.path.join(RESULTS, "state_precision.json"):
+    out = os.path.join(RESULTS, "state_precision_int8.json")
+  meta = provenance(command_line("state_precision.py", argv), packages=CORE_PACKAGES,
+                    quick=args.quick)
+  meta["machine"]["device"] = str(jax.devices()[0])
+  print("quality: final loss relative to float32 state", flush=True)
+  report: dict[str, Any] = {
+      "meta": meta,
+      "quality": int8_quality(seeds, steps_scale, list(INT8_PROBLEMS)),
+      "state_bytes_per_param": int8_memory(),
+  }
+  print("state bytes per parameter:", report["state_bytes_per_param"])
+  print("summary (mean relative change of the final loss +- standard error):")
+  for name, result in report["quality"].items():
+    print(f"  {name:24s} " + "  ".join(
+        f"{v} {s['mean_relative_change']:+.2%}+-{s['standard_error'] or 0:.2%}"
+        for v, s in result["summary"].items()))
+  meta["machine"]["load_average_end"] = load_average()
+  with open(out, "w") as file:
+    json.dump(report, file, indent=1)
+  print("wrote", out)
   return 0
 
 

@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from optax_amsgrad._alias import amsgrad, amsgradw
+from optax_amsgrad._decode import decode_state
 from optax_amsgrad._flat import (
     FlatState,
     flatten_by_dtype,
@@ -37,6 +38,7 @@ __all__ = [
     "amsgradw",
     "apply_step",
     "cpu_kernel_available",
+    "decode_state",
     "flatten_by_dtype",
     "from_keras",
     "from_optax",

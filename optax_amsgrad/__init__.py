@@ -1,6 +1,7 @@
 """AMSGrad for JAX and Optax, following PyTorch, Keras, Optax or the paper."""
 
 from optax_amsgrad._alias import amsgrad, amsgradw
+from optax_amsgrad._decode import decode_state
 from optax_amsgrad._flat import (
     FlatState,
     flatten_by_dtype,
@@ -31,6 +32,7 @@ __all__ = [
     "amsgradw",
     "apply_step",
     "cpu_kernel_available",
+    "decode_state",
     "flatten_by_dtype",
     "from_keras",
     "from_optax",

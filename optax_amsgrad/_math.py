@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from optax_amsgrad import _dtypes, _rounding
+from optax_amsgrad import _blockwise, _dtypes, _rounding
 
 
 class MomentCoefficients(NamedTuple):
@@ -225,7 +225,10 @@ def xla_stored(
   """
   m_dtype, v_dtype = compute_dtypes(g.dtype)
   g_c = g.astype(m_dtype)
-  m_c = m.astype(m_dtype)
+  stored_before = (m, v, v_max)
+  quantized = tuple(map(_blockwise.is_quantized, stored_before))
+  m_c = _blockwise.decoded(m, "mu").astype(m_dtype)
+  v, v_max = _blockwise.decoded(v, "nu"), _blockwise.decoded(v_max, "nu")
   if split_complex and jnp.iscomplexobj(g):
     v_c, v_max_c = v.astype(m_dtype), v_max.astype(m_dtype)
     parts = [
@@ -244,6 +247,10 @@ def xla_stored(
     return _rounding.store(x, like.dtype, stochastic=rounding.stochastic,
                            keys=rounding.keys, buffer=buffer, index=index)
 
+  if any(quantized):
+    return _blockwise_stored(new_m, new_v, new_v_max, stored_before, quantized,
+                             store, rounding, c.nu_max_scale, index)
+
   # nu_max is rounded to nearest (never to zero), which is monotone: the
   # stored value is the rounded true maximum (of v and of the stored nu, so
   # nu <= nu_max holds in the state), never below the previous one and never
@@ -254,6 +261,42 @@ def xla_stored(
       new_v_max, v_max.dtype, stochastic=rounding.stochastic,
       at_least=stored_v, scale=c.nu_max_scale,
   )
+  return stored_m, stored_v, stored_v_max
+
+
+def _blockwise_stored(
+    new_m: jax.Array,
+    new_v: jax.Array,
+    new_v_max: jax.Array,
+    old: tuple[Any, Any, Any],
+    quantized: tuple[bool, ...],
+    store: Callable[[jax.Array, jax.Array, str], jax.Array],
+    rounding: Rounding,
+    nu_max_scale: jax.Array,
+    index: jax.Array | None,
+) -> tuple[Any, Any, Any]:
+  """:func:`xla_stored`'s stores where some buffer is 8-bit
+  (``_blockwise``): ``nu_max`` is the maximum of the stored ``nu`` too, then
+  rounded up under scales that never decrease."""
+  m, v, v_max = old
+  if quantized[0]:
+    stored_m: Any = _blockwise.store(new_m, "mu", stochastic=rounding.stochastic,
+                                     keys=rounding.keys, index=index)[0]
+  else:
+    stored_m = store(new_m, m, "mu")
+  stored_v: Any
+  if quantized[1]:
+    stored_v, v_value = _blockwise.store(new_v, "nu", stochastic=rounding.stochastic,
+                                         keys=rounding.keys, index=index)
+  else:
+    stored_v = store(new_v, v, "nu")
+    v_value = stored_v.astype(new_v.dtype)
+  if quantized[2]:
+    stored_v_max: Any = _blockwise.store_max(
+        jnp.maximum(new_v_max, v_value * nu_max_scale), v_max)
+  else:
+    stored_v_max = _rounding.store_max(new_v_max, v_max.dtype, stochastic=rounding.stochastic,
+                                       at_least=v_value, scale=nu_max_scale)
   return stored_m, stored_v, stored_v_max
 
 
@@ -284,7 +327,8 @@ def update_from_stored(
 ) -> jax.Array:
   """The direction from the stored moments, cast back up, in ``dtype``."""
   m_dtype, v_dtype = compute_dtypes(dtype)
-  m_u = m.astype(m_dtype)
+  m_u = _blockwise.decoded(m, "mu").astype(m_dtype)
+  v_max = _blockwise.decoded(v_max, "nu")
   if split_complex and jnp.iscomplexobj(m_u):
     v_max_u = v_max.astype(m_dtype)
     u = jax.lax.complex(

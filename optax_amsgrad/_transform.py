@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_amsgrad import _dtypes, _math, _placement, _rounding, _validation, cpu
+from optax_amsgrad import _blockwise, _dtypes, _math, _placement, _rounding, _validation, cpu
 
 Convention = _math.Convention
 Implementation = cpu.Implementation
@@ -234,8 +234,12 @@ def scale_by_amsgrad(
     _validation.check_params_dtypes(params, what="params")
 
     def zeros(buffer: str) -> optax.Updates:
-      return jax.tree.map(lambda p: _placement.zeros_like(
-          p, _storage_dtype(options, buffer, jnp.result_type(p))), params)
+      def leaf(p: Any) -> Any:
+        dtype = _storage_dtype(options, buffer, jnp.result_type(p), jnp.shape(p))
+        if _blockwise.is_int8(dtype):
+          return _blockwise.zeros(_placement.zeros_like(p, jnp.uint8), buffer)
+        return _placement.zeros_like(p, dtype)
+      return jax.tree.map(leaf, params)
 
     return ScaleByAmsgradState(
         count=_placement.scalar_zeros(params, jnp.int32),
@@ -247,10 +251,16 @@ def scale_by_amsgrad(
   return optax.GradientTransformation(init_fn, AmsgradUpdate(options))
 
 
-def _storage_dtype(options: Options, buffer: str, param_dtype: jnp.dtype) -> jnp.dtype:
+def _storage_dtype(options: Options, buffer: str, param_dtype: jnp.dtype,
+                   shape: tuple[int, ...] = ()) -> jnp.dtype:
   """The dtype of ``buffer`` (``"mu"``, or ``"nu"`` for ``nu`` and
-  ``nu_max``) for params of ``param_dtype``."""
+  ``nu_max``) for params of ``param_dtype`` and ``shape``: int8 for the
+  blockwise 8-bit storage (``_blockwise``)."""
   complex_params = jnp.issubdtype(param_dtype, jnp.complexfloating)
+  if _blockwise.is_int8(options.mu_dtype if buffer == "mu" else options.nu_dtype):
+    # Leaves too small (or complex, or float64) for blocks: the compute dtype.
+    return (jnp.dtype(jnp.int8) if _blockwise.eligible(shape, param_dtype)
+            else _math.compute_dtypes(param_dtype)[0 if buffer == "mu" else 1])
   if buffer == "mu":
     if options.mu_dtype is None:
       return param_dtype
@@ -300,7 +310,9 @@ def _step(
   step and the new state: each leaf by XLA (:func:`_xla_leaf`), or by the CPU
   kernel where it is in use."""
   _validation.check_state(state, ScaleByAmsgradState, name="scale_by_amsgrad")
-  updates = _validation.check_updates_match_state(updates, state.mu, name="scale_by_amsgrad")
+  updates = _validation.check_updates_match_state(
+      updates, _blockwise.view(state.mu), name="scale_by_amsgrad")
+  _check_storage(options, updates, state)
   count, parts = _step_scalars(options, state, updates)
   seed = jnp.uint32(options.seed)
   g_leaves, treedef_ = jax.tree.flatten(updates)
@@ -337,7 +349,7 @@ def _step(
     g, p, m, v, v_max, decay = leaves[i]
     moment_coefficients, direction = parts(g.dtype)
     narrowing = options.stochastic and any(
-        _rounding.is_narrowing(_math.compute_dtypes(g.dtype)[1], x.dtype) for x in (m, v))
+        _blockwise.is_narrowing(_math.compute_dtypes(g.dtype)[1], x) for x in (m, v))
     stepped: tuple[jax.Array, ...] = _math.leaf_step(
         moment_coefficients, direction, stepping, g, p, m, v, v_max,
         stream_keys(i) if narrowing else None,
@@ -370,7 +382,8 @@ def _apply_flat(
   # One weight-decay flag for every leaf (a mask goes outside the flat
   # layout).
   decays = {bool(x) for x in jax.tree.leaves(applying.decay)}
-  if options.implementation != "cpu" or len(decays) > 1 or not isinstance(state.mu, dict):
+  if (options.implementation != "cpu" or len(decays) > 1 or not isinstance(state.mu, dict)
+      or any(map(_blockwise.is_quantized, (*state.mu.values(), *state.nu.values())))):
     return None
   g_leaves, treedef = jax.tree.flatten(grads)
   count, parts = _step_scalars(options, state, grads)
@@ -387,3 +400,31 @@ def _apply_flat(
   return treedef.unflatten(new_params), ScaleByAmsgradState(  # type: ignore[attr-defined]
       count=count, mu=mu, nu=nu, nu_max=nu_max
   )
+
+
+def _check_storage(options: Options, updates: optax.Updates, state: ScaleByAmsgradState) -> None:
+  """Each state leaf must be stored as ``options`` asks for: 8-bit blocks
+  where ``"int8"`` applies, plain arrays elsewhere."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+  for buffer, field in (("mu", "mu"), ("nu", "nu"), ("nu", "nu_max")):
+    stored = treedef.flatten_up_to(getattr(state, field))  # type: ignore[attr-defined]
+    for (path, g), x in zip(flat, stored, strict=True):
+      shape = tuple(jnp.shape(g))
+      expected = _blockwise.is_int8(
+          _storage_dtype(options, buffer, jnp.result_type(g), shape))
+      if expected == _blockwise.is_quantized(x) and (
+          not expected or tuple(x.exponents.shape) == _blockwise.exponents_shape(shape)):
+        continue
+      name = "mu_dtype" if buffer == "mu" else "nu_dtype"
+      found = ("8-bit blocks (int8 storage)" if _blockwise.is_quantized(x)
+               else f"an array of {jnp.result_type(x)}")
+      raise TypeError(
+          f"scale_by_amsgrad: the state's {field} at {_validation.path_name(path)} is "
+          f"{found}, but this optimizer was made with {name}="
+          f"{getattr(options, name + '')} and stores "
+          + ("that leaf in 8-bit blocks" if expected else "that leaf as an array")
+          + (f" with exponents of shape {_blockwise.exponents_shape(shape)}, not "
+             f"{tuple(x.exponents.shape)}" if expected and _blockwise.is_quantized(x) else "")
+          + ". Make the state with this optimizer's init (or the optimizer with "
+          "the options that made the state)."
+      )

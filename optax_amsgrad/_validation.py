@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_amsgrad import _dtypes, _math, _rounding
+from optax_amsgrad import _blockwise, _dtypes, _math, _rounding
 
 # Storage dtypes whose exponent range cannot hold |g|**2 for ordinary
 # gradients: float16 overflows at |g| > 256 and flushes |g| < 2.4e-4 to zero.
@@ -231,9 +231,13 @@ def resolve_storage_dtype(name: str, dtype: Any) -> jnp.dtype | None:
         f"{name} must be a dtype (such as jnp.float32 or 'bfloat16') or None; "
         f"got {dtype!r}."
     ) from error
+  if resolved == np.dtype(np.int8):
+    # Blockwise 8-bit storage (_blockwise).
+    return resolved
   if not jnp.issubdtype(resolved, jnp.inexact):
     raise TypeError(
-        f"{name} must be a floating-point or complex dtype; got {resolved}."
+        f"{name} must be a floating-point or complex dtype, or 'int8' for "
+        f"blockwise 8-bit storage; got {resolved}."
     )
   storage_info = _dtypes.finfo(resolved)
   largest = float(storage_info.max)
@@ -439,9 +443,11 @@ def check_state(
                     for field in ("mu", "nu", "nu_max"))
     )
 
-  chex_checked(chex.assert_trees_all_equal_structs, state.mu, state.nu, state.nu_max,
+  # 8-bit leaves (codes and exponents) are compared as one array each.
+  mu, nu, nu_max = (_blockwise.view(tree) for tree in (state.mu, state.nu, state.nu_max))
+  chex_checked(chex.assert_trees_all_equal_structs, mu, nu, nu_max,
                error=ValueError, message=inconsistent("tree structure", jax.tree.structure))
-  chex_checked(chex.assert_trees_all_equal_shapes, state.mu, state.nu, state.nu_max,
+  chex_checked(chex.assert_trees_all_equal_shapes, mu, nu, nu_max,
                error=ValueError,
                message=inconsistent("shape per leaf", lambda t: jax.tree.map(jnp.shape, t)))
   count = state.count

@@ -45,6 +45,9 @@ def kernel_signature(
   handlers do not cover it (complex, float16, mixed precision other than
   bfloat16 storage, params outside the compute dtype for the step, inside
   ``shard_map``)."""
+  if not all(isinstance(x, jax.Array) for x in (m, v, v_max)):
+    # 8-bit blocks (codes and scales) are stepped by XLA.
+    return None
   _, v_dtype = compute_dtypes(g.dtype)
   if p is not None and not (p.dtype == g.dtype == v_dtype):
     return None

@@ -143,10 +143,10 @@ def _check_solver(
   params_like = collected.treedef.unflatten([leaf for _, leaf in collected.plan_leaves])
   ours = leaf_facts(solver, params_like)
   names = [f"leaf {i} {plan.paths[i]}" for i in range(len(ours))]
-  state_dtypes = [(jnp.result_type(m.mu), jnp.result_type(m.nu)) for m in collected.moments]
   refuse(
       differences(ours, target_facts, names, learning_rate_dtype=learning_rate_dtype)
-      + storage_differences(ours, state_dtypes, target_dtypes, names, target),
+      + storage_differences(ours, [(m.mu, m.nu) for m in collected.stored], target_dtypes,
+                            names, target),
       target,
   )
 
@@ -943,11 +943,9 @@ def _optax_differences(
   ours = leaf_facts(solver, states[0].mu)
   known = {} if options is None else {k: options[k] for k in ("b1", "b2", "eps", "eps_root")}
   theirs = [f._replace(convention=convention, **known) for f in ours]
-  dtypes = [(jnp.result_type(mu), jnp.result_type(nu))
-            for mu, nu in zip(jax.tree.leaves(states[0].mu), jax.tree.leaves(states[0].nu),
-                              strict=True)]
+  leaves = list(zip(jax.tree.leaves(states[0].mu), jax.tree.leaves(states[0].nu), strict=True))
   return differences(ours, theirs, names) + storage_differences(
-      ours, dtypes, [nu for _, nu in dtypes], names, "Optax optimizer")
+      ours, leaves, [jnp.result_type(nu) for _, nu in leaves], names, "Optax optimizer")
 
 
 def from_optax(

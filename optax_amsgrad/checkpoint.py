@@ -387,7 +387,7 @@ def _storage_differences(stored: dict[Any, Any], wanted: dict[Any, Any]) -> list
 
   def blocks(tokens: Any) -> set[Any]:
     return {t[:-1] for t in tokens
-            if t[-1:] == (codes_field,) and t[:-1] + (exponents_field,) in tokens}
+            if t[-1:] == (codes_field,) and (*t[:-1], exponents_field) in tokens}
 
   def array(leaf: Any) -> str:
     return f"an array of {np.dtype(leaf.dtype)} {tuple(leaf.shape)}"
@@ -399,11 +399,11 @@ def _storage_differences(stored: dict[Any, Any], wanted: dict[Any, Any]) -> list
   problems = []
   for prefix in sorted(blocks(stored) & wanted.keys()):
     name, leaf = wanted.pop(prefix)
-    codes, exponents = (stored.pop(prefix + (field,)) for field in _BLOCK_FIELDS)
+    codes, exponents = (stored.pop((*prefix, field)) for field in _BLOCK_FIELDS)
     problems.append(f"{name}: {in_blocks(codes, exponents)} in the checkpoint, "
                     f"{array(leaf)} in the target")
   for prefix in sorted(blocks(wanted) & stored.keys()):
-    (name, codes), (_, exponents) = (wanted.pop(prefix + (field,)) for field in _BLOCK_FIELDS)
+    (name, codes), (_, exponents) = (wanted.pop((*prefix, field)) for field in _BLOCK_FIELDS)
     problems.append(f"{name.removesuffix('.' + codes_field)}: {array(stored.pop(prefix))} in "
                     f"the checkpoint, {in_blocks(codes, exponents)} in the target")
   return problems
@@ -549,7 +549,9 @@ def restore(directory: str | os.PathLike[str], target: Any) -> Any:
       ``directory``; the message says what is there (nothing, an interrupted
       save, a directory without a checkpoint, a :class:`Manager`'s directory).
     CheckpointMismatchError: when a leaf is missing on either side or differs
-      in shape or dtype; the message lists each one by its path.
+      in shape or dtype; the message lists each one by its path. A moment
+      stored in 8-bit blocks (``mu_dtype``/``nu_dtype="int8"``) on one side
+      and as one array on the other is named once, with both formats.
   """
   ocp = _orbax()
   path = _as_path(directory)

@@ -169,13 +169,15 @@ def test_restore_into_another_storage_format_names_each_moment(tmp_path):
   with pytest.raises(checkpoint.CheckpointMismatchError) as error:
     checkpoint.restore(tmp_path / "int8", plain)
   lines = storage_lines(error)
-  assert f"[0].mu['w1']: {blocks} in the checkpoint, an array of float32 (256, 300) in the target" in lines
+  assert (f"[0].mu['w1']: {blocks} in the checkpoint, an array of float32 (256, 300) in "
+          "the target") in lines
   assert len(lines) == 6, lines  # mu, nu and nu_max of w0 and w1, once each
   assert all(re.match(r"\[0\]\.(mu|nu|nu_max)\['w[01]'\]: 8-bit blocks", line) for line in lines)
   with pytest.raises(checkpoint.CheckpointMismatchError) as error:
     checkpoint.restore(tmp_path / "plain", int8)
   lines = storage_lines(error)
-  assert f"[0].nu_max['w1']: an array of float32 (256, 300) in the checkpoint, {blocks} in the target" in lines
+  assert (f"[0].nu_max['w1']: an array of float32 (256, 300) in the checkpoint, {blocks} in "
+          "the target") in lines
   assert len(lines) == 6, lines
   # Mixed: only mu is in blocks in the target; nu and nu_max match.
   mu_only = optax_amsgrad.amsgrad(1e-2, mu_dtype="int8").init(params)

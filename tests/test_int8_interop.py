@@ -310,3 +310,25 @@ def test_update_names_a_state_of_another_storage_format(jit):
   with pytest.raises(TypeError, match=r"the state's nu at \['a'\] is 8-bit blocks \(int8 "
                      r"storage\), but this optimizer was made with nu_dtype=None"):
     update(mu_only, int8.init(params))
+
+
+def test_mixed_storage_moves_in_and_out(torch):
+  # mu in 8-bit blocks, nu and nu_max in bfloat16.
+  arrays = initial(14)
+  tensors, optimizer = torch_run(torch, arrays, gradients(15))
+  original = torch_moments(optimizer)
+  params = params_of([t.detach().numpy() for t in tensors])
+  solver, state = optax_amsgrad.from_torch(
+      optimizer.state_dict(), params, mu_dtype="int8", nu_dtype=jnp.bfloat16)
+  inner = state[0]
+  assert _blockwise.is_quantized(inner.mu["a"])
+  assert inner.nu["a"].dtype == jnp.bfloat16 and inner.nu_max["a"].dtype == jnp.bfloat16
+  decoded = optax_amsgrad.decode_state(state)[0]
+  mu = np.asarray(decoded.mu["a"], np.float64)
+  assert (np.abs(mu - original[0][0]) / resolution(original[0][0], "mu")).max() < 1.0
+  target = torch.optim.Adam([torch.nn.Parameter(t.detach().clone()) for t in tensors],
+                            lr=LR, amsgrad=True)
+  target.load_state_dict(optax_amsgrad.to_torch(state, target, solver=solver))
+  moved = torch_moments(target)
+  for k, field in enumerate(("mu", "nu", "nu_max")):
+    np.testing.assert_array_equal(moved[0][k], np.asarray(decoded._asdict()[field]["a"]))

@@ -14,6 +14,11 @@ is below ``2**MIN_EXPONENT``. ``M`` is the code's mantissa bits (3 for ``mu``,
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -332,3 +337,56 @@ def test_mixed_storage_moves_in_and_out(torch):
   moved = torch_moments(target)
   for k, field in enumerate(("mu", "nu", "nu_max")):
     np.testing.assert_array_equal(moved[0][k], np.asarray(decoded._asdict()[field]["a"]))
+
+
+def test_sharded_params_give_sharded_int8_state_and_one_compile():
+  from scale_out.launch import script_env
+
+  code = textwrap.dedent("""
+      import json
+      import jax, jax.numpy as jnp, numpy as np, optax
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      import optax_amsgrad
+      from optax_amsgrad import _blockwise
+
+      mesh = jax.make_mesh((4,), ("x",))
+      sharding = NamedSharding(mesh, P("x"))
+      params = {"w": jax.device_put(jnp.ones((8, 600)), sharding),
+                "b": jax.device_put(jnp.ones(4), NamedSharding(mesh, P()))}
+      rng = np.random.default_rng(0)
+      moments = {k: [rng.random(np.shape(p)).astype(np.float32) for _ in range(2)]
+                 for k, p in params.items()}
+      state_dict = {
+          "state": {j: {"step": np.float32(5), "exp_avg": m - 0.5, "exp_avg_sq": v,
+                        "max_exp_avg_sq": v + 1} for j, (m, v) in
+                    enumerate(moments[k] for k in ("b", "w"))},
+          "param_groups": [{"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8,
+                            "weight_decay": 0, "amsgrad": True, "maximize": False,
+                            "decoupled_weight_decay": False, "params": [0, 1]}],
+      }
+      solver, state = optax_amsgrad.from_torch(state_dict, params, mu_dtype="int8",
+                                               nu_dtype="int8")
+      init = solver.init(params)
+      wrong = [str(path) for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state),
+                                                  jax.tree.leaves(init))
+               if a.sharding != b.sharding or a.committed != b.committed]
+      codes = state[0].nu_max["w"].codes
+
+      @jax.jit
+      def step(params, state):
+        grads = jax.tree.map(jnp.ones_like, params)
+        updates, state = solver.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+      step(params, init)
+      step(params, state)
+      print(json.dumps({"wrong": wrong,
+                        "quantized": _blockwise.is_quantized(state[0].mu["w"]),
+                        "codes_sharded": codes.sharding.is_equivalent_to(sharding, 2),
+                        "compiles": step._cache_size()}))
+  """)
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=script_env(host_devices=4), timeout=120)
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report == {"wrong": [], "quantized": True, "codes_sharded": True, "compiles": 1}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_amsgrad import _step, _transform, _validation
+from optax_amsgrad import _blockwise, _step, _transform, _validation
 
 
 class Facts(NamedTuple):
@@ -272,28 +272,59 @@ def _decay_differences(ours: Facts, theirs: Facts) -> list[str]:
   return [f"weight decay: the solver has {_decay_form(ours)}, the target {_decay_form(theirs)}"]
 
 
+def _format(leaf: Any) -> str:
+  """How a state leaf is stored, as a dtype option names it."""
+  if _blockwise.is_quantized(leaf):
+    return "int8 (8-bit blocks)"
+  return jnp.dtype(jnp.result_type(leaf)).name
+
+
+def _storage_difference(buffer: str, asked: Any, leaf: Any) -> str | None:
+  """How the stored ``leaf`` differs from what ``{buffer}_dtype=asked``
+  stores; None when it is what the solver stores. With ``"int8"``, leaves
+  too small for blocks stay in the compute dtype (``_blockwise.eligible``)."""
+  quantized = _blockwise.is_quantized(leaf)
+  if _blockwise.is_int8(asked):
+    shape, dtype = tuple(jnp.shape(leaf.codes if quantized else leaf)), jnp.result_type(leaf)
+    if quantized or not _blockwise.eligible(shape, dtype):
+      return None
+    wanted = "int8 (8-bit blocks)"
+  elif quantized:
+    wanted = "the params' dtype" if asked is None else jnp.dtype(asked).name
+  elif asked is not None and _real(asked) != _real(jnp.result_type(leaf)):
+    wanted = jnp.dtype(asked).name
+  else:
+    return None
+  return f"{buffer}_dtype: the solver stores {wanted}, the state holds {_format(leaf)}"
+
+
 def storage_differences(
     solver_facts: Sequence[Facts],
-    state_dtypes: Sequence[tuple[Any, Any]],
+    state_leaves: Sequence[tuple[Any, Any]],
     target_dtypes: Sequence[Any],
     names: Sequence[str],
     target: str,
 ) -> list[str]:
   """Each leaf whose stored moments the target cannot hold as they are:
-  the state's ``(mu, nu)`` dtypes against the solver's storage options (the
-  state must be the solver's) and against the target's dtype (narrower
-  moments widen exactly; wider ones would be rounded)."""
+  the state's ``(mu, nu)`` leaves (arrays, or 8-bit blocks) against the
+  solver's storage options (the state must be the solver's), and the values
+  the step reads from them (8-bit blocks decode to float32) against the
+  target's dtype (narrower moments widen exactly; wider ones would be
+  rounded)."""
   found: dict[str, list[str]] = {}
   for name, facts, (mu, nu), theirs in zip(
-      names, solver_facts, state_dtypes, target_dtypes, strict=True):
+      names, solver_facts, state_leaves, target_dtypes, strict=True):
     lines = []
-    for buffer, asked, stored in (("mu", facts.mu_dtype, mu), ("nu", facts.nu_dtype, nu)):
-      if asked is not None and _real(asked) != _real(stored):
-        lines.append(f"{buffer}_dtype: the solver stores {jnp.dtype(asked).name}, the "
-                     f"state holds {jnp.dtype(stored).name}")
-      if _real(stored).itemsize > _real(theirs).itemsize:
-        lines.append(f"storage: the state's {buffer} is {jnp.dtype(stored).name}, the "
-                     f"{target} keeps {jnp.dtype(theirs).name} (it would be rounded)")
+    for buffer, asked, leaf in (("mu", facts.mu_dtype, mu), ("nu", facts.nu_dtype, nu)):
+      line = _storage_difference(buffer, asked, leaf)
+      if line is not None:
+        lines.append(line)
+      quantized = _blockwise.is_quantized(leaf)
+      read = jnp.dtype(jnp.float32 if quantized else jnp.result_type(leaf))
+      if _real(read).itemsize > _real(theirs).itemsize:
+        held = f"{_format(leaf)}, read as {read.name}" if quantized else read.name
+        lines.append(f"storage: the state's {buffer} is {held}, the {target} keeps "
+                     f"{jnp.dtype(theirs).name} (it would be rounded)")
     for line in lines:
       found.setdefault(line, []).append(name)
   return [f"{line} ({', '.join(where)})" for line, where in found.items()]

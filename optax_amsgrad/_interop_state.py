@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-# Narrow state (bfloat16 moments) is written through the storage functions of
-# the solver's own steps, so that a state moved in is rounded as one made here.
-from optax_amsgrad import _rounding, _transform
+# Narrow state (bfloat16 moments, 8-bit blocks) is written through the storage
+# functions of the solver's own steps, so that a state moved in is rounded as
+# one made here; a state moved out is read as the step reads it.
+from optax_amsgrad import _blockwise, _decode, _rounding, _transform
 
 Layouts = Any  # a tree shaped like the params: None or a tuple of axes per leaf
 _COUNT_MAX = 2**31 - 1  # count is an int32 that saturates
@@ -30,6 +31,11 @@ class _Moments(NamedTuple):
 
 def _is_masked(node: Any) -> bool:
   return isinstance(node, optax.MaskedNode)
+
+
+def _is_state_leaf(node: Any) -> bool:
+  """A leaf of a moment's tree: an 8-bit block leaf counts as one."""
+  return _is_masked(node) or _blockwise.is_quantized(node)
 
 
 def _is_amsgrad_state(node: Any) -> bool:
@@ -171,7 +177,7 @@ def _placed(value: jax.Array, template: jax.Array) -> jax.Array:
 
 def _stored(
     value: np.ndarray,
-    template: jax.Array,
+    template: Any,
     compute_dtype: Any,
     *,
     buffer: str,
@@ -179,20 +185,30 @@ def _stored(
     seed: int,
     count: int,
     leaf_index: int,
-    at_least: jax.Array | None = None,
-) -> jax.Array:
-  """``value`` in the storage dtype of ``template``, rounded as the solver's
-  steps store it: ``mu`` and ``nu`` stochastically (when narrowing, with
-  ``state_rounding="stochastic"``), ``nu_max`` to nearest, never below the
-  stored ``nu``."""
+    at_least: Any = None,
+) -> Any:
+  """``value`` in the storage of ``template``, rounded as the solver's steps
+  store it: ``mu`` and ``nu`` stochastically (when narrowing, with
+  ``state_rounding="stochastic"``), ``nu_max`` to nearest (8-bit blocks: up),
+  never below the stored ``nu`` (``at_least``)."""
   x = jnp.asarray(value, compute_dtype)
+  keys = _rounding.stream_keys(seed, count, leaf_index)
+  if _blockwise.is_quantized(template):
+    if buffer == "nu_max":
+      # The step's monotone rule: the maximum of the stored nu too, rounded
+      # up under scales at least the template's (init's, at the floor).
+      floor = _blockwise.decoded(at_least, "nu") if at_least is not None else x
+      quantized = _blockwise.store_max(jnp.maximum(x, floor.astype(x.dtype)), template)
+    else:
+      quantized = _blockwise.store(x, buffer, stochastic=stochastic, keys=keys)[0]
+    return _blockwise.Quantized(_placed(quantized.codes, template.codes),
+                                _placed(quantized.exponents, template.exponents))
   if buffer == "nu_max":
+    if at_least is not None:
+      at_least = _blockwise.decoded(at_least, "nu")
     stored = _rounding.store_max(x, template.dtype, stochastic=stochastic, at_least=at_least)
   else:
-    stored = _rounding.store(
-        x, template.dtype, stochastic=stochastic, buffer=buffer,
-        keys=_rounding.stream_keys(seed, count, leaf_index),
-    )
+    stored = _rounding.store(x, template.dtype, stochastic=stochastic, buffer=buffer, keys=keys)
   return _placed(stored, template)
 
 
@@ -223,7 +239,7 @@ def _filled(
       return node._replace(count=placed_count(node.count))
     if not _is_amsgrad_state(node):
       return node
-    trees = [jax.tree.flatten(getattr(node, f), is_leaf=_is_masked)
+    trees = [jax.tree.flatten(getattr(node, f), is_leaf=_is_state_leaf)
              for f in ("mu", "nu", "nu_max")]
     (mus, treedef_), (nus, _), (nu_maxes, _) = trees
     treedef: Any = treedef_  # PyTreeDef's stubs lack unflatten
@@ -258,14 +274,16 @@ def _filled(
 
 class _Collected(NamedTuple):
   step_count: int
-  moments: list[_Moments]
-  plan_leaves: list[tuple[Any, Any]]  # (path, mu leaf) per leaf of the params
+  moments: list[_Moments]  # as the step reads them (decode_state's values)
+  stored: list[_Moments]  # as the state stores them (8-bit blocks, narrow floats)
+  plan_leaves: list[tuple[Any, Any]]  # (path, decoded mu leaf) per leaf of the params
   treedef: Any
 
 
 def _collected(opt_state: optax.OptState) -> _Collected:
   """The step count and the per-leaf moments of the AMSGrad states in
-  ``opt_state`` (one, or one per group of an ``optax.partition``)."""
+  ``opt_state`` (one, or one per group of an ``optax.partition``), both as
+  stored and as :func:`~optax_amsgrad.decode_state` reads them."""
   nodes = [node for node in jax.tree.leaves(opt_state, is_leaf=_is_amsgrad_state)
            if _is_amsgrad_state(node)]
   if not nodes:
@@ -285,13 +303,16 @@ def _collected(opt_state: optax.OptState) -> _Collected:
         f"Mixed steps: the AMSGrad states in opt_state have step counts {counts}; "
         "PyTorch and Keras continue with one step count for all parameters."
     )
-  covered: list[_Moments | None] | None = None
+  covered: list[tuple[_Moments, _Moments] | None] | None = None
   first: list[tuple[Any, Any]] = []
   treedef: Any = None
   for node in nodes:
-    path_leaves, treedef_here = jax.tree_util.tree_flatten_with_path(node.mu, is_leaf=_is_masked)
-    nus, nu_maxes = (jax.tree.leaves(getattr(node, f), is_leaf=_is_masked)
-                     for f in ("nu", "nu_max"))
+    decoded = _decode.decode_state(node)
+    path_leaves, treedef_here = jax.tree_util.tree_flatten_with_path(
+        decoded.mu, is_leaf=_is_masked)
+    stored_leaves, decoded_leaves = (
+        [jax.tree.leaves(getattr(state, f), is_leaf=_is_state_leaf)
+         for f in ("mu", "nu", "nu_max")] for state in (node, decoded))
     if covered is None:
       covered = [None] * len(path_leaves)
       first = list(path_leaves)
@@ -301,23 +322,24 @@ def _collected(opt_state: optax.OptState) -> _Collected:
           "The AMSGrad states in opt_state are over different trees:\n"
           f"  {treedef}\n  {treedef_here}"
       )
-    for i, ((path, mu), nu, nu_max) in enumerate(
-        zip(path_leaves, nus, nu_maxes, strict=True)):
+    for i, (path, mu) in enumerate(path_leaves):
       if _is_masked(mu):
         continue
       if covered[i] is not None:
         raise ValueError(f"Leaf {i} ({jax.tree_util.keystr(path)}) has two AMSGrad states.")
-      covered[i] = _Moments(mu, nu, nu_max)
+      covered[i] = (_Moments(*(leaves[i] for leaves in decoded_leaves)),
+                    _Moments(*(leaves[i] for leaves in stored_leaves)))
       first[i] = (path, mu)
   assert covered is not None
   missing = [i for i, m in enumerate(covered) if m is None]
   if missing:
     raise ValueError(f"Leaves {missing} of opt_state have no AMSGrad state.")
-  return _Collected(counts[0], [m for m in covered if m is not None], first, treedef)
+  pairs = [m for m in covered if m is not None]
+  return _Collected(counts[0], [m for m, _ in pairs], [s for _, s in pairs], first, treedef)
 
 
 def _state_numpy(value: jax.Array) -> np.ndarray:
-  """A state leaf as NumPy; narrow floats (bfloat16 moments) widen to float32."""
+  """A decoded state leaf as NumPy (float32 at least)."""
   return _numpy(jax.device_get(value))
 
 

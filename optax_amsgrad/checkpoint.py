@@ -86,7 +86,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
       "brings): pip install 'optax-amsgrad[checkpoint]'"
   ) from error
 
-from optax_amsgrad import _placement
+from optax_amsgrad import _blockwise, _placement
 
 __all__ = [
     "CheckpointMismatchError",
@@ -380,7 +380,7 @@ def _differences(metadata: Any, target: Any) -> list[str]:
       _path_tokens(path): (jax.tree_util.keystr(path), _abstract(leaf))
       for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
   }
-  problems = []
+  problems = _storage_differences(stored, wanted)
   for tokens, (name, leaf) in wanted.items():
     if tokens not in stored:
       problems.append(f"{name}: in the target, not in the checkpoint")
@@ -398,6 +398,41 @@ def _differences(metadata: Any, target: Any) -> list[str]:
       )
   for tokens in sorted(stored.keys() - wanted.keys()):
     problems.append(f"{'.'.join(tokens)}: in the checkpoint, not in the target")
+  return problems
+
+
+_BLOCK_FIELDS = _blockwise.Quantized._fields
+
+
+def _storage_differences(stored: dict[Any, Any], wanted: dict[Any, Any]) -> list[str]:
+  """Each moment stored in 8-bit blocks (``mu_dtype``/``nu_dtype="int8"``:
+  a codes and an exponents leaf under its path) on one side and as one array
+  on the other, named once by its path; the leaves so named are taken out
+  of ``stored`` (metadata by path tokens) and ``wanted`` (``(name,
+  abstract leaf)`` by path tokens)."""
+  codes_field, exponents_field = _BLOCK_FIELDS
+
+  def blocks(tokens: Any) -> set[Any]:
+    return {t[:-1] for t in tokens
+            if t[-1:] == (codes_field,) and (*t[:-1], exponents_field) in tokens}
+
+  def array(leaf: Any) -> str:
+    return f"an array of {np.dtype(leaf.dtype)} {tuple(leaf.shape)}"
+
+  def in_blocks(codes: Any, exponents: Any) -> str:
+    return (f"8-bit blocks (int8 storage: {np.dtype(codes.dtype)} codes {tuple(codes.shape)}, "
+            f"{np.dtype(exponents.dtype)} exponents {tuple(exponents.shape)})")
+
+  problems = []
+  for prefix in sorted(blocks(stored) & wanted.keys()):
+    name, leaf = wanted.pop(prefix)
+    codes, exponents = (stored.pop((*prefix, field)) for field in _BLOCK_FIELDS)
+    problems.append(f"{name}: {in_blocks(codes, exponents)} in the checkpoint, "
+                    f"{array(leaf)} in the target")
+  for prefix in sorted(blocks(wanted) & stored.keys()):
+    (name, codes), (_, exponents) = (wanted.pop((*prefix, field)) for field in _BLOCK_FIELDS)
+    problems.append(f"{name.removesuffix('.' + codes_field)}: {array(stored.pop(prefix))} in "
+                    f"the checkpoint, {in_blocks(codes, exponents)} in the target")
   return problems
 
 
@@ -541,7 +576,9 @@ def restore(directory: str | os.PathLike[str], target: Any) -> Any:
       ``directory``; the message says what is there (nothing, an interrupted
       save, a directory without a checkpoint, a :class:`Manager`'s directory).
     CheckpointMismatchError: when a leaf is missing on either side or differs
-      in shape or dtype; the message lists each one by its path.
+      in shape or dtype; the message lists each one by its path. A moment
+      stored in 8-bit blocks (``mu_dtype``/``nu_dtype="int8"``) on one side
+      and as one array on the other is named once, with both formats.
   """
   ocp = _orbax()
   path = _as_path(directory)

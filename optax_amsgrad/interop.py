@@ -39,6 +39,26 @@ keep the raw maximum ``max(v)``, as the ``"pytorch"`` and ``"keras"``
 conventions do. torch and keras are imported only by the functions that need
 them.
 
+8-bit state (``mu_dtype="int8"``, ``nu_dtype="int8"``) is quantized on the
+way in and decoded on the way out. :func:`from_torch` and :func:`from_keras`
+encode the framework's float moments with the format's own encoder, as the
+solver's steps store them: ``mu`` and ``nu`` under fresh block scales, rounded
+as ``state_rounding`` says; ``nu_max`` rounded up, so that it is never below
+the framework's maximum (nor below the stored ``nu``) and never 0 where that
+is positive. The hand-over error is the code's resolution: in a block whose
+largest value is ``B``, :func:`~optax_amsgrad.decode_state` of the result
+differs from the framework's ``x`` by less than ``2**-M |x|`` (one step of
+the code) where ``|x|`` is within the code's 15 binades below the block's
+scale, and by less than ``2**(-13 - M) B`` below them, with ``M = 3`` for
+``mu`` (E4M3, a relative step of 1/8) and ``M = 4`` for ``nu`` (E4M4, 1/16)
+(and by less than ``2**(-114 - M)`` in a block below the scales' floor,
+``2**-100``);
+``nu_max`` lies less than one such step above the larger of the framework's
+and the stored ``nu``. Leaves the solver keeps in float32 (too small for
+blocks) move exactly. :func:`to_torch` and :func:`to_keras` write the values
+``decode_state`` reads, the ones the next step would use, into the
+framework's float32 buffers, exactly.
+
 Parameters are matched by position: leaf ``i`` of ``params`` (in
 ``jax.tree.leaves`` order) is the framework's parameter ``order[i]`` (by
 default ``i``; PyTorch's order is that of its param groups, one after the
@@ -143,10 +163,10 @@ def _check_solver(
   params_like = collected.treedef.unflatten([leaf for _, leaf in collected.plan_leaves])
   ours = leaf_facts(solver, params_like)
   names = [f"leaf {i} {plan.paths[i]}" for i in range(len(ours))]
-  state_dtypes = [(jnp.result_type(m.mu), jnp.result_type(m.nu)) for m in collected.moments]
   refuse(
       differences(ours, target_facts, names, learning_rate_dtype=learning_rate_dtype)
-      + storage_differences(ours, state_dtypes, target_dtypes, names, target),
+      + storage_differences(ours, [(m.mu, m.nu) for m in collected.stored], target_dtypes,
+                            names, target),
       target,
   )
 
@@ -353,9 +373,12 @@ def from_torch(
     decoupled_weight_decay: whether the weight decay is ``AdamW``'s; read
       from the state dict (PyTorch 2.6 and later record it), needed only for
       state dicts of older versions with ``weight_decay`` set.
-    mu_dtype: storage dtype of ``mu``, as in :func:`amsgrad`.
-    nu_dtype: storage dtype of ``nu`` and ``nu_max``. Values narrower than the
-      optimizer's are rounded as the solver's steps store them.
+    mu_dtype: storage dtype of ``mu``, as in :func:`amsgrad`; ``"int8"``
+      for 8-bit blocks, into which the moments are quantized (the hand-over
+      error is bounded in the module's notes).
+    nu_dtype: storage dtype of ``nu`` and ``nu_max`` (``"int8"``: 8-bit
+      blocks, ``nu_max`` rounded up). Values narrower than the optimizer's
+      are rounded as the solver's steps store them.
     state_rounding: ``"stochastic"`` or ``"nearest"``, as in :func:`amsgrad`.
     seed: seed of the stochastic rounding.
 
@@ -451,9 +474,12 @@ def to_torch(
   ``b2``, ``eps``, no ``eps_root``, the same constant learning rate (where
   both have one), the same weight decay in the same form (``AdamW``'s
   decoupled is :func:`amsgradw`, ``Adam``'s coupled
-  :func:`coupled_weight_decay`), and moments the torch optimizer holds as
-  they are (narrow moments are widened exactly to the parameters' dtype; a
-  wider state would be rounded). Every difference is named in one
+  :func:`coupled_weight_decay`), the storage of the state (an ``"int8"``
+  solver with a state in 8-bit blocks, a float one with float moments), and
+  moments the torch optimizer holds as they are (narrow moments are widened
+  exactly to the parameters' dtype; 8-bit blocks are written as
+  :func:`~optax_amsgrad.decode_state` reads them, in float32; a wider state
+  would be rounded). Every difference is named in one
   ``ValueError``; the torch optimizer's hyperparameters are its own and are
   not overwritten.
 
@@ -743,8 +769,10 @@ def from_keras(
     learning_rate: overrides the optimizer's learning rate: a float or an Optax
       schedule of the number of steps taken. Required when the optimizer's
       learning rate is a schedule.
-    mu_dtype: storage dtype of ``mu``.
-    nu_dtype: storage dtype of ``nu`` and ``nu_max``.
+    mu_dtype: storage dtype of ``mu``; ``"int8"`` quantizes it into 8-bit
+      blocks, as in :func:`from_torch`.
+    nu_dtype: storage dtype of ``nu`` and ``nu_max``; ``"int8"`` as in
+      :func:`from_torch` (``nu_max`` rounded up).
     state_rounding: ``"stochastic"`` or ``"nearest"``.
     seed: seed of the stochastic rounding.
 
@@ -832,8 +860,9 @@ def to_keras(
   ``b1``, ``b2``, ``eps`` (``epsilon``), no ``eps_root``, the same constant
   learning rate (in float32, as Keras holds it), the same decoupled weight
   decay where Keras applies it (:func:`amsgradw` with a mask for
-  ``exclude_from_weight_decay``), and moments the variables hold as they
-  are. Every difference is named in one ``ValueError``.
+  ``exclude_from_weight_decay``), the state's storage, and moments the
+  variables hold as they are (8-bit blocks are written as
+  :func:`~optax_amsgrad.decode_state` reads them). Every difference is named in one ``ValueError``.
 
   Example::
 
@@ -1001,11 +1030,9 @@ def _optax_differences(
   ours = leaf_facts(solver, states[0].mu)
   known = {} if options is None else {k: options[k] for k in ("b1", "b2", "eps", "eps_root")}
   theirs = [f._replace(convention=convention, **known) for f in ours]
-  dtypes = [(jnp.result_type(mu), jnp.result_type(nu))
-            for mu, nu in zip(jax.tree.leaves(states[0].mu), jax.tree.leaves(states[0].nu),
-                              strict=True)]
+  leaves = list(zip(jax.tree.leaves(states[0].mu), jax.tree.leaves(states[0].nu), strict=True))
   return differences(ours, theirs, names) + storage_differences(
-      ours, dtypes, [nu for _, nu in dtypes], names, "Optax optimizer")
+      ours, leaves, [jnp.result_type(nu) for _, nu in leaves], names, "Optax optimizer")
 
 
 def from_optax(

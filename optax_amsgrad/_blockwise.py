@@ -159,10 +159,17 @@ def zeros(codes: jax.Array, buffer: str) -> Quantized:
   del buffer
   shape = exponents_shape(tuple(codes.shape))
   # The exponents derive from the codes (a strided slice of them), so they
-  # are placed where the codes are, sharded along the same axes.
-  exponents = codes[..., ::BLOCK].astype(jnp.int8) + jnp.int8(MIN_EXPONENT)
+  # are placed where the codes are, sharded along the same axes. Jitted, as
+  # the step computes them: an eager strided slice of a leaf sharded along
+  # its last axis comes back replicated, and the first step would return
+  # another sharding and compile the loop's step again.
+  exponents = jax.jit(_floor_exponents)(codes)
   assert exponents.shape == shape
   return Quantized(codes, exponents)
+
+
+def _floor_exponents(codes: jax.Array) -> jax.Array:
+  return codes[..., ::BLOCK].astype(jnp.int8) + jnp.int8(MIN_EXPONENT)
 
 
 def view(tree: Any) -> Any:

@@ -169,7 +169,8 @@ def zeros(codes: jax.Array, buffer: str) -> Quantized:
 
 
 def _floor_exponents(codes: jax.Array) -> jax.Array:
-  return codes[..., ::BLOCK].astype(jnp.int8) + jnp.int8(MIN_EXPONENT)
+  exponents: jax.Array = codes[..., ::BLOCK].astype(jnp.int8) + jnp.int8(MIN_EXPONENT)
+  return exponents
 
 
 def view(tree: Any) -> Any:

@@ -12,8 +12,10 @@ Two measurements, side by side with ``optax.amsgrad``:
 
   or ``params, state = optax_amsgrad.apply_step(solver, grads, state, params)``
   (``.apply_step``), for ``optax.amsgrad``, ``optax_amsgrad.amsgrad`` with
-  float32 state (``ours``) and with bfloat16 state (``ours_bf16``:
-  ``mu_dtype`` and ``nu_dtype`` bfloat16, stochastic rounding), each of ours
+  float32 state (``ours``), with bfloat16 state (``ours_bf16``:
+  ``mu_dtype`` and ``nu_dtype`` bfloat16, stochastic rounding) and with 8-bit
+  state (``ours_int8``, ``mu_dtype`` and ``nu_dtype`` ``"int8"``, only on the
+  XLA path, which its 8-bit leaves always take), each of ours
   on the XLA path (``/xla``: ``OPTAX_AMSGRAD_CPU_KERNEL=0``, what GPUs and TPUs
   compile) and with the CPU kernel (``/kernel``, the default). Every run is a
   fresh process with the environment set: it times the first call of the
@@ -30,7 +32,22 @@ Two measurements, side by side with ``optax.amsgrad``:
   ``OPTAX_AMSGRAD_CPU_KERNEL=0``, interleaved as ``step_time.py`` does (shuffled
   blocks, the first step of each block dropped, medians), next to a jitted,
   donated ``a + s * b`` over as many elements: the machine's streaming
-  bandwidth in the same run.
+  bandwidth in the same run. Each step's temporaries (``memory_analysis``)
+  are recorded in float32 copies of the params.
+* **State bytes** (``--state-bytes``). On a transformer-like model of 5e6
+  params (embedding, four layers, layer norms, biases, a head), each solver's
+  state in bytes per param, from the ``nbytes`` of every state leaf (block
+  scales and the leaves that keep float32 state included), and the
+  temporaries of its compiled, donated train step.
+
+``--solvers`` chooses the solvers (``optax.amsgrad`` always runs). The 8-bit
+figures::
+
+  python benchmarks/compile_time.py --solvers optax.amsgrad,ours_int8 \
+      --leaf-size 8192 --calls update --repeats 1 --rounds 3 --steps 2 \
+      --state-bytes --out benchmarks/results/compile_time_int8.json
+
+(leaves of 8,192 params: those of 2,000 are too small for 8-bit blocks).
 
 Run::
 
@@ -64,6 +81,7 @@ import optax
 from machine import CORE_PACKAGES, command_line, load_average, provenance
 
 import optax_amsgrad
+from optax_amsgrad import _blockwise
 
 ROOT = Path(__file__).resolve().parent
 LEARNING_RATE = 1e-3
@@ -78,7 +96,13 @@ SOLVERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "ours_bf16": lambda: optax_amsgrad.amsgrad(
         LEARNING_RATE, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16
     ),
+    # 8-bit blocks for leaves of at least _blockwise.MIN_SIZE elements; those
+    # always take the XLA path.
+    "ours_int8": lambda: optax_amsgrad.amsgrad(
+        LEARNING_RATE, mu_dtype="int8", nu_dtype="int8"
+    ),
 }
+DEFAULT_SOLVERS = ("optax.amsgrad", "ours", "ours_bf16")
 
 
 def first_call_variants() -> dict[str, dict[str, Any]]:
@@ -87,8 +111,10 @@ def first_call_variants() -> dict[str, dict[str, Any]]:
   for call in ("update", "apply_step"):
     suffix = "" if call == "update" else ".apply_step"
     variants[REFERENCE + suffix] = {"solver": REFERENCE, "call": call, "kernel": None}
-    for solver in ("ours", "ours_bf16"):
-      for kernel, path in (("off", "xla"), ("on", "kernel")):
+    for solver in ("ours", "ours_bf16", "ours_int8"):
+      # The 8-bit leaves take the XLA path whatever the kernel switch.
+      paths = (("off", "xla"),) if solver == "ours_int8" else (("off", "xla"), ("on", "kernel"))
+      for kernel, path in paths:
         variants[f"{solver}{suffix}/{path}"] = {
             "solver": solver, "call": call, "kernel": kernel
         }
@@ -96,7 +122,26 @@ def first_call_variants() -> dict[str, dict[str, Any]]:
 
 
 FIRST_CALL_VARIANTS = first_call_variants()
-STEP_VARIANTS = [REFERENCE, "ours", "ours_bf16"]
+STEP_VARIANTS = [REFERENCE, "ours", "ours_bf16", "ours_int8"]
+
+# A transformer-like model of about 5e6 params for the bytes of the state:
+# name -> shape. The layer norms, biases and the head are small leaves.
+MODEL_WIDTH, MODEL_LAYERS, MODEL_VOCAB, MODEL_CLASSES = 256, 4, 8192, 10
+
+
+def model_shapes() -> dict[str, tuple[int, ...]]:
+  d = MODEL_WIDTH
+  shapes: dict[str, tuple[int, ...]] = {"embedding": (MODEL_VOCAB, d)}
+  for i in range(MODEL_LAYERS):
+    shapes.update({
+        f"layer{i}/qkv": (d, 3 * d), f"layer{i}/qkv_bias": (3 * d,),
+        f"layer{i}/out": (d, d), f"layer{i}/out_bias": (d,),
+        f"layer{i}/mlp_in": (d, 4 * d), f"layer{i}/mlp_in_bias": (4 * d,),
+        f"layer{i}/mlp_out": (4 * d, d), f"layer{i}/mlp_out_bias": (d,),
+        f"layer{i}/norm1": (d,), f"layer{i}/norm2": (d,),
+    })
+  shapes.update({"final_norm": (d,), "head": (d, MODEL_CLASSES), "head_bias": (MODEL_CLASSES,)})
+  return shapes
 
 
 # --------------------------------------------------------------------------
@@ -198,7 +243,7 @@ class StepVariant:
 
     self.jitted = jax.jit(step, donate_argnums=(0, 1))
     start = time.perf_counter()
-    self.jitted.trace(params, state, grads).lower().compile()
+    compiled = self.jitted.trace(params, state, grads).lower().compile()
     state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
     # Read g and p, write p, read and write the state.
     self.min_bytes = 4 + 8 + 2 * round(state_bytes / n)
@@ -207,6 +252,7 @@ class StepVariant:
         "state_bytes": state_bytes,
         "state_dtypes": state_dtypes(state),
         "min_bytes_per_param": self.min_bytes,
+        **memory(compiled, n),
     }
     self.grads = grads
     self.carry = [params, state]
@@ -217,6 +263,51 @@ class StepVariant:
     jax.block_until_ready(jax.tree.leaves(params)[0])
 
 
+def memory(compiled: Any, n: int) -> dict[str, Any]:
+  """The temporaries of a compiled, donated step (``memory_analysis``), in
+  bytes and in float32 copies of the ``n`` params: below 1, no float32
+  temporary the size of the params fits in them."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  temp = int(analysis.temp_size_in_bytes)
+  return {"temp_bytes": temp, "temp_float32_params": temp / (4 * n),
+          "alias_bytes": int(analysis.alias_size_in_bytes)}
+
+
+def state_bytes_worker(spec: dict[str, Any]) -> dict[str, Any]:
+  """The bytes of each solver's state (``nbytes`` of every state leaf, the
+  8-bit blocks' scales and the float32 small leaves included) on the
+  transformer-like model, which leaves keep float32 state, and the
+  temporaries of its compiled, donated train step."""
+  shapes = model_shapes()
+  rng = np.random.default_rng(spec["seed"])
+  params = {k: jnp.asarray(0.02 * rng.normal(size=v).astype(np.float32))
+            for k, v in shapes.items()}
+  n = sum(int(p.size) for p in params.values())
+  results: dict[str, Any] = {}
+  for name in spec["solvers"]:
+    solver = SOLVERS[name]()
+    state = solver.init(params)
+    nbytes = sum(int(leaf.nbytes) for leaf in jax.tree.leaves(state))
+    entry: dict[str, Any] = {"state_bytes": nbytes, "bytes_per_param": nbytes / n}
+    if name == "ours_int8":
+      nu_max = optax.tree.get(state, "nu_max")
+      kept = sorted(k for k, v in nu_max.items() if not _blockwise.is_quantized(v))
+      entry["float32_leaves"] = kept
+      entry["float32_leaf_params"] = sum(int(params[k].size) for k in kept)
+      entry["eight_bit_leaves"] = len(nu_max) - len(kept)
+      entry["scale_bytes"] = sum(
+          int(v.exponents.nbytes) for buffer in ("mu", "nu", "nu_max")
+          for v in optax.tree.get(state, buffer).values() if _blockwise.is_quantized(v))
+    step = jax.jit(train_step(solver, "update"), donate_argnums=(0, 1))
+    entry.update(memory(step.trace(params, state).lower().compile(), n))
+    results[name] = entry
+  return {"params": n, "leaves": len(shapes), "model": {
+      "width": MODEL_WIDTH, "layers": MODEL_LAYERS, "vocabulary": MODEL_VOCAB,
+      "classes": MODEL_CLASSES}, "solvers": results}
+
+
 def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
   """One process, the XLA path: the interleaved step time of every variant."""
   # step_time.py imports torch when it is installed; only this worker needs it.
@@ -225,7 +316,7 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
   n = spec["params"]
   grads = step_time.make_grads([n], spec["seed"])
   variants: list[Any] = [step_time.FloorVariant(n)]
-  for name in STEP_VARIANTS:
+  for name in spec["solvers"]:
     variants.append(StepVariant(name, n, grads, step_time.make_params([n])))
   times = step_time.measure(variants, spec["rounds"], spec["steps"], spec["seed"])
   bandwidth = 12 * n / statistics.median(times["floor"])
@@ -293,9 +384,11 @@ def median_entry(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def first_call(args: argparse.Namespace) -> dict[str, Any]:
   rng = random.Random(args.seed)
-  runs: dict[str, list[dict[str, Any]]] = {name: [] for name in FIRST_CALL_VARIANTS}
+  chosen = {name: variant for name, variant in FIRST_CALL_VARIANTS.items()
+            if variant["solver"] in args.solvers and variant["call"] in args.calls}
+  runs: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
   for repeat in range(args.repeats):
-    order = list(FIRST_CALL_VARIANTS)
+    order = list(chosen)
     rng.shuffle(order)
     for name in order:
       if runs[name] and runs[name][0]["first_call_s"] + runs[name][0]["aot_s"] > args.slow_s:
@@ -313,7 +406,7 @@ def first_call(args: argparse.Namespace) -> dict[str, Any]:
             f"({row['trace_s']:.2f} + {row['lower_s']:.2f} + {row['compile_s']:.2f}), "
             f"{row['compiles']} compiled", flush=True)
   variants: dict[str, Any] = {}
-  for name, variant in FIRST_CALL_VARIANTS.items():
+  for name, variant in chosen.items():
     variants[name] = {
         **variant, "processes": len(runs[name]), "median": median_entry(runs[name]),
         "runs": runs[name],
@@ -352,18 +445,35 @@ def print_tables(report: dict[str, Any]) -> None:
           f"| {m['compile_s']:.2f} s | {m['aot_s']:.2f} s | {r['aot_s']:.2f} "
           f"| {m['first_call_s']:.2f} s | {r['first_call_s']:.2f} "
           f"| {1e3 * m['later_call_s']:.1f} ms | {fmt_compiles(m)} |")
+  if "state_bytes" in report:
+    sb = report["state_bytes"]
+    print(f"\nState on a transformer-like model of {sb['params']:,} params "
+          f"({sb['leaves']} leaves); temporaries of its donated step:")
+    print("| solver | state bytes per param | temporaries (float32 copies of the params) |")
+    print("|---|---|---|")
+    for name, entry in sb["solvers"].items():
+      print(f"| {name} | {entry['bytes_per_param']:.3f} "
+            f"| {entry.get('temp_float32_params', float('nan')):.3f} |")
+    int8 = sb["solvers"].get("ours_int8")
+    if int8:
+      print(f"8-bit: {int8['eight_bit_leaves']} leaves in blocks; float32 state for "
+            f"{len(int8['float32_leaves'])} leaves ({int8['float32_leaf_params']:,} params): "
+            f"{', '.join(int8['float32_leaves'])}")
   if "step_time" not in report:
     return
   st = report["step_time"]
   print(f"\nStep time on the XLA path, one leaf of {st['params']:.0e} float32 params, "
         f"bandwidth {st['bandwidth_GBps']:.1f} GB/s:")
-  print("| variant | median | q1 to q3 | ratio | fraction of the limit |")
-  print("|---|---|---|---|---|")
+  print("| variant | median | q1 to q3 | ratio | fraction of the limit "
+        "| temporaries (float32 copies of the params) |")
+  print("|---|---|---|---|---|---|")
   for name, entry in st["variants"].items():
     limit = entry.get("fraction_of_limit")
+    temp = entry.get("temp_float32_params")
     print(f"| {name} | {entry['median_ms']:.2f} ms | {entry['q1_ms']:.2f} to "
           f"{entry['q3_ms']:.2f} ms | {entry[f'ratio_vs_{REFERENCE}']:.2f} "
-          f"| {'-' if limit is None else f'{limit:.2f}'} |")
+          f"| {'-' if limit is None else f'{limit:.2f}'} "
+          f"| {'-' if temp is None else f'{temp:.3f}'} |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -386,10 +496,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=None,
                       help="timed steps per block, after one dropped step (default 5, quick 2)")
   parser.add_argument("--no-step-time", action="store_true")
+  parser.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS),
+                      help=f"comma-separated, of {', '.join(SOLVERS)} (default "
+                      f"{','.join(DEFAULT_SOLVERS)}; {REFERENCE} is always measured)")
+  parser.add_argument("--calls", default="update,apply_step",
+                      help="the first call of which steps: update, apply_step or both")
+  parser.add_argument("--state-bytes", action="store_true",
+                      help="also the state's bytes per param and the step's temporaries "
+                      "on a transformer-like model of 5e6 params")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", type=Path, default=None, help="JSON output path")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  solvers = [name for name in args.solvers.split(",") if name]
+  unknown = sorted(set(solvers) - set(SOLVERS))
+  if unknown:
+    parser.error(f"--solvers: unknown {unknown}; known: {sorted(SOLVERS)}")
+  args.solvers = [REFERENCE, *(name for name in solvers if name != REFERENCE)]
+  args.calls = [call for call in args.calls.split(",") if call]
+  if not args.calls or set(args.calls) - {"update", "apply_step"}:
+    parser.error(f"--calls: update, apply_step or both, not {args.calls}")
   quick = args.quick
   for key, full, small in (("repeats", 3, 1), ("leaves", 500, 20), ("params", 10_000_000,
                            1_000_000), ("rounds", 20, 3), ("steps", 5, 2)):
@@ -406,7 +532,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
   args = parse_args(argv)
   if args.worker is not None:
     spec = json.loads(args.worker)
-    worker = first_call_worker if spec["kind"] == "first_call" else step_worker
+    worker = {"first_call": first_call_worker, "step": step_worker,
+              "state_bytes": state_bytes_worker}[spec["kind"]]
     print(RESULT_MARK + json.dumps(worker(spec)), flush=True)
     return None
 
@@ -418,15 +545,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
   print(f"first call: {args.leaves} leaves of {args.leaf_size:,}, {args.repeats} repeats ...",
         flush=True)
   report["first_call"] = first_call(args)
-  kernel_run = report["first_call"]["variants"]["ours/kernel"]["runs"][0]
+  meta["solvers"] = args.solvers
+  kernel_variant = next((v for k, v in report["first_call"]["variants"].items()
+                         if k.endswith("/kernel")), report["first_call"]["variants"][REFERENCE])
+  kernel_run = kernel_variant["runs"][0]
   meta["machine"]["device"] = kernel_run["device"]
   # Without the switch: whether the kernel variants had the kernel to run.
   meta["cpu_kernel_available"] = kernel_run["cpu_kernel_available"]
   if not args.no_step_time:
     print(f"step time on the XLA path, {args.params:.0e} params ...", flush=True)
     spec = {"kind": "step", "params": args.params, "rounds": args.rounds,
-            "steps": args.steps, "seed": args.seed}
+            "steps": args.steps, "seed": args.seed,
+            "solvers": [name for name in STEP_VARIANTS if name in args.solvers]}
     report["step_time"] = run_worker(spec, "off")
+  if args.state_bytes:
+    print("state bytes and temporaries on the model ...", flush=True)
+    spec = {"kind": "state_bytes", "seed": args.seed, "solvers": args.solvers}
+    report["state_bytes"] = run_worker(spec, None)
   meta["machine"]["load_average_end"] = load_average()
   print_tables(report)
   print(f"\nload average (1, 5, 15 min) at the start {meta['machine']['load_average_start']}, "

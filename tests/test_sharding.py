@@ -124,3 +124,53 @@ def test_data_parallel_example_matches_single_device(eight_devices):
   assert facts["replicated"]["state_bytes_per_device"] == total
   assert facts["fsdp"]["state_bytes_per_device"] < total / 8 + 64
 
+
+
+# ----------------------------------------------------------------------------
+# 8-bit state (mu_dtype and nu_dtype "int8").
+# ----------------------------------------------------------------------------
+
+INT8_EIGHT_BIT = ["embedding", "kernel", "stacked", "vector"]  # "bias" stays float32
+
+
+def test_int8_state_is_sharded_like_its_params(eight_devices):
+  report, _ = eight_devices
+  for axes in ("Auto", "Explicit"):
+    entry = report["int8"][f"{axes}/fsdp"]
+    # The 8-bit leaves are the large ones, in every buffer.
+    assert entry["eight_bit"] == {b: INT8_EIGHT_BIT for b in ("mu", "nu", "nu_max")}, axes
+    # Codes and block exponents on the param's sharding, from an eager and a
+    # jitted init and after three steps.
+    for way in ("placement/eager", "placement/jit", "placement/after_steps"):
+      assert entry[way] == [], (axes, way)
+    assert entry["loop_compiles"] == 1, axes
+
+
+def test_int8_fully_sharded_step_has_no_collectives(eight_devices):
+  report, _ = eight_devices
+  for axes in ("Auto", "Explicit"):
+    entry = report["int8"][f"{axes}/fsdp"]
+    assert entry["collectives"] == {}, axes
+    assert entry["apply_step_collectives"] == {}, axes
+  # The count sees block scales that need communication: shards of 128
+  # elements along the last axis cut the 256-element blocks in two.
+  control = report["int8"]["Auto/straddling"]
+  assert control["eight_bit"]["nu_max"] == ["straddling"]
+  assert sum(control["collectives"].values()) >= 1
+  assert sum(control["apply_step_collectives"].values()) >= 1
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_int8_sharded_state_is_bit_identical_to_one_device(eight_devices, rounding):
+  report, _ = eight_devices
+  entry = report["int8"][f"identical/{rounding}"]
+  expected = {f"{name}/{buffer}/{part}"
+              for name in INT8_EIGHT_BIT for buffer in ("mu", "nu", "nu_max")
+              for part in ("codes", "exponents")}
+  expected |= {f"bias/{buffer}/value" for buffer in ("mu", "nu", "nu_max")}
+  expected |= {f"params/{name}" for name in [*INT8_EIGHT_BIT, "bias"]}
+  assert set(entry["differ"]) == expected
+  # Five steps: codes and block exponents, params too, equal bit for bit.
+  assert {k: n for k, n in entry["differ"].items() if n} == {}
+  # Not a trivial state: each moment's codes take many values.
+  assert min(entry["distinct_codes"].values()) >= 8

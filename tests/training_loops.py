@@ -25,6 +25,9 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "bfloat16_state": lambda: optax_amsgrad.amsgrad(
         1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16
     ),
+    # 8-bit state: leaves of at least _blockwise.MIN_SIZE elements are stored
+    # in blocks (the tests give it such leaves), smaller ones in float32.
+    "int8_state": lambda: optax_amsgrad.amsgrad(1e-2, mu_dtype="int8", nu_dtype="int8"),
     "chain": lambda: optax.chain(
         optax.clip_by_global_norm(1.0), optax_amsgrad.scale_by_amsgrad(),
         optax.scale_by_learning_rate(optax.linear_schedule(1e-2, 1e-3, 10)),

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from launch import load_example
 
 import optax_amsgrad
+from optax_amsgrad import _blockwise, _placement
 
 COLLECTIVE = re.compile(
     r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)"
@@ -296,6 +297,149 @@ def check_sharded_rounding(report: dict[str, Any]) -> None:
   report["sharded_rounding"] = results
 
 
+# 8-bit state (mu_dtype and nu_dtype "int8") on an ("fsdp",) = (8,) mesh, in
+# the spec form a jitted step returns on Auto axes (no trailing None). Every
+# leaf but the bias is large enough for 8-bit blocks; along a sharded last
+# axis each shard holds whole blocks (a multiple of _blockwise.BLOCK).
+INT8_LAYOUT = {
+    "embedding": ((256, 64), P("fsdp")),
+    "kernel": ((16, 4096), P(None, "fsdp")),
+    "stacked": ((2, 64, 256), P(None, "fsdp")),
+    "vector": ((8192,), P("fsdp")),
+    "bias": ((128,), P("fsdp")),  # below _blockwise.MIN_SIZE: float32 state
+}
+INT8_FLOAT32_LEAVES = ("bias",)
+# A control: shards of 128 elements along the last axis cut 256-element
+# blocks in two, so block scales need communication.
+INT8_STRADDLING = {"straddling": ((16, 1024), P(None, "fsdp"))}
+
+
+def int8_solver(**options: Any) -> optax.GradientTransformation:
+  return optax_amsgrad.amsgrad(1e-2, mu_dtype="int8", nu_dtype="int8", **options)
+
+
+def int8_params(mesh: jax.sharding.Mesh | None, layout: dict[str, Any]) -> dict[str, jax.Array]:
+  """Distinct values per element (a gradient of their sine spans decades
+  within a block); on ``mesh`` with ``layout``'s specs, or on one device."""
+  params = {}
+  for name, (shape, spec) in layout.items():
+    value = jnp.linspace(-1, 1, int(np.prod(shape)), dtype=jnp.float32).reshape(shape)
+    where = (_placement._as_returned(NamedSharding(mesh, spec), len(shape))
+             if mesh is not None else jax.devices()[0])
+    params[name] = jax.device_put(value, where)
+  return params
+
+
+def int8_grads(params: Any, t: jax.Array) -> Any:
+  return jax.tree.map(lambda p: jnp.sin(7 * p + t) * (1 + t) * jnp.exp(-8 * p * p), params)
+
+
+def int8_leaves(state: Any) -> list[tuple[str, str, Any]]:
+  """(param name, buffer/part, array) of every moment leaf: ``codes`` and
+  ``exponents`` of an 8-bit leaf, ``value`` of a plain one."""
+  found = []
+  for node in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, optax_amsgrad.ScaleByAmsgradState)
+  ):
+    if not isinstance(node, optax_amsgrad.ScaleByAmsgradState):
+      continue
+    for buffer in ("mu", "nu", "nu_max"):
+      for name, leaf in getattr(node, buffer).items():
+        if _blockwise.is_quantized(leaf):
+          found += [(name, f"{buffer}/codes", leaf.codes),
+                    (name, f"{buffer}/exponents", leaf.exponents)]
+        else:
+          found.append((name, f"{buffer}/value", leaf))
+  assert found, "no ScaleByAmsgradState in the state"
+  return found
+
+
+def check_int8(report: dict[str, Any]) -> None:
+  """8-bit state on fully sharded params: which leaves are 8-bit, whether
+  codes and block exponents are sharded like their param (eager and jitted
+  init, and after a step), the collectives of the compiled donated step and
+  apply_step, compiles over a loop, and the state after five steps against
+  one device, bit for bit."""
+  results: dict[str, Any] = {}
+  for axis_type in (AxisType.Auto, AxisType.Explicit):
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(axis_type,))
+    for layout_name, layout in (("fsdp", INT8_LAYOUT), ("straddling", INT8_STRADDLING)):
+      if layout_name == "straddling" and axis_type == AxisType.Explicit:
+        continue
+      opt = int8_solver()
+      params = int8_params(mesh, layout)
+      entry: dict[str, Any] = {}
+      state = opt.init(params)
+      entry["eight_bit"] = {
+          buffer: sorted(name for name, part, _ in int8_leaves(state)
+                         if part == f"{buffer}/codes")
+          for buffer in ("mu", "nu", "nu_max")
+      }
+      for way, init_state in (("eager", state), ("jit", jax.jit(opt.init)(params))):
+        entry[f"placement/{way}"] = [
+            f"{name} {part}: {x.sharding.spec} != {params[name].sharding.spec}"
+            for name, part, x in int8_leaves(init_state)
+            if not same_layout(x.sharding, params[name].sharding, x.ndim)
+        ]
+
+      def step(params, state, grads, opt=opt):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+      donated = jax.jit(step, donate_argnums=(0, 1))
+      entry["collectives"] = count_collectives(
+          donated.lower(params, state, params).compile().as_text())
+      entry["apply_step_collectives"] = count_collectives(jax.jit(
+          lambda p, s, g, opt=opt: optax_amsgrad.apply_step(opt, g, s, p),
+          donate_argnums=(0, 1),
+      ).lower(params, state, params).compile().as_text())
+      if layout_name == "fsdp":
+        # Three donated steps from the eager init: one executable.
+        @jax.jit
+        def loop_step(params, state, t, opt=opt):
+          return step(params, state, int8_grads(params, t), opt)
+
+        carry = (params, opt.init(params))
+        for t in range(3):
+          carry = loop_step(*carry, jnp.float32(t))
+        entry["loop_compiles"] = loop_step._cache_size()
+        entry["placement/after_steps"] = [
+            f"{name} {part}: {x.sharding.spec} != {params[name].sharding.spec}"
+            for name, part, x in int8_leaves(carry[1])
+            if not same_layout(x.sharding, params[name].sharding, x.ndim)
+        ]
+      results[f"{axis_type.name}/{layout_name}"] = entry
+
+  # Sharded against one device: stochastic rounding (the default) and
+  # round-to-nearest, five steps of the same gradients.
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+  for rounding in ("stochastic", "nearest"):
+    opt = int8_solver(state_rounding=rounding)
+    states = {}
+    for where, on in (("sharded", mesh), ("single", None)):
+      params = int8_params(on, INT8_LAYOUT)
+
+      @jax.jit
+      def apply(params, state, t, opt=opt):
+        return optax_amsgrad.apply_step(opt, int8_grads(params, t), state, params)
+
+      state = opt.init(params)
+      for t in range(5):
+        params, state = apply(params, state, jnp.float32(t))
+      states[where] = {f"{name}/{part}": np.asarray(x) for name, part, x in int8_leaves(state)}
+      states[where].update({f"params/{k}": np.asarray(v) for k, v in params.items()})
+    sharded, single = states["sharded"], states["single"]
+    assert sharded.keys() == single.keys()
+    results[f"identical/{rounding}"] = {
+        "differ": {k: int(np.sum(sharded[k] != single[k])) for k in single},
+        "elements": {k: int(single[k].size) for k in single},
+        # The run is not trivial: codes are spread over many values.
+        "distinct_codes": {k: len(np.unique(v)) for k, v in single.items()
+                           if k.endswith("/codes")},
+    }
+  report["int8"] = results
+
+
 def check_data_parallel(report: dict[str, Any], out: Path) -> None:
   """The example's training on one device and on eight, both layouts."""
   example = load_example("data_parallel")
@@ -320,6 +464,7 @@ def main() -> None:
   check_steps(report)
   check_fsdp_collectives(report)
   check_sharded_rounding(report)
+  check_int8(report)
   check_data_parallel(report, out)
   (out / "results.json").write_text(json.dumps(report, indent=1))
 

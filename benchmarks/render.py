@@ -707,6 +707,75 @@ def step_time_update_vs_fused(root: Path) -> str:
           + step_time_provenance(report))
 
 
+
+# The 8-bit state's rows: each problem's mean change of the final loss
+# against float32 state, with its standard error over the seeds.
+INT8_VARIANTS = (
+    ("float32_jitter", "float32, params perturbed (control)"),
+    ("bf16_stochastic", "bfloat16, stochastic"),
+    ("int8_all", "int8, every leaf"),
+    ("int8_all_up", "int8, `nu_max` rounded up"),
+    ("int8_nearest_all", "int8, round to nearest under a fresh scale"),
+)
+
+
+def state_precision_int8(root: Path) -> str:
+  report = load(root, "state_precision_int8")
+  results = problems(report)
+  names = list(results)
+  header = ["state", *(name.replace("_", " ") for name in names)]
+  rows = []
+  for variant, label in INT8_VARIANTS:
+    cells = []
+    for name in names:
+      summary = results[name]["summary"].get(variant)
+      cells.append("\u2013" if summary is None else
+                   f"{signed_percent(summary['mean_relative_change'])} "
+                   f"\u00b1 {summary['standard_error'] * 100:.2f}%")
+    rows.append([label, *cells])
+  seeds = {len(entry["runs"]) for entry in results.values()}
+  state_bytes = report["state_bytes_per_param"]
+  bytes_line = ", ".join(f"{name.replace('_stochastic', '')} {value:.2f}"
+                         for name, value in state_bytes.items())
+  return "\n".join([
+      *table(header, rows), "",
+      f"State bytes per parameter (`nbytes`): {bytes_line}.", "",
+      provenance(report, f"mean change of the final loss against float32 state "
+                         f"\u00b1 its standard error over {', '.join(map(str, sorted(seeds)))} "
+                         f"data orders"),
+  ])
+
+
+def compile_time_int8(root: Path) -> str:
+  report = load(root, "compile_time_int8")
+  first = report["first_call"]
+  step = report["step_time"]
+  sizes = report["state_bytes"]
+  reference = step["variants"]["optax.amsgrad"]
+  ours = step["variants"]["ours_int8"]
+  first_ref = first["variants"]["optax.amsgrad"]["median"]
+  first_ours = first["variants"]["ours_int8/xla"]["median"]
+  model = sizes["solvers"]["ours_int8"]
+  rows = [
+      ["step time, one leaf of " + short_count(step["params"]) + " params",
+       f"{reference['median_ms']:.1f} ms", f"{ours['median_ms']:.1f} ms",
+       f"{ours['ratio_vs_optax.amsgrad']:.2f}x"],
+      [f"first call, {first['leaves']} leaves of {first['leaf_size']:,}",
+       f"{first_ref['first_call_s']:.1f} s", f"{first_ours['first_call_s']:.1f} s",
+       f"{first_ours['first_call_s'] / first_ref['first_call_s']:.2f}x"],
+      ["temporaries of the donated step, in float32 copies of the params",
+       f"{reference['temp_float32_params']:.2f}", f"{ours['temp_float32_params']:.2f}", ""],
+      [f"state bytes per param, a model of {short_count(sizes['params'])} params",
+       f"{sizes['solvers']['optax.amsgrad']['bytes_per_param']:.2f}",
+       f"{model['bytes_per_param']:.2f}", ""],
+  ]
+  return "\n".join([
+      *table(["", "optax.amsgrad", "int8 state (XLA path)", "ratio"], rows), "",
+      f"{len(model['float32_leaves'])} of the model's {sizes['leaves']} leaves keep "
+      "float32 state (under 4,096 elements or rows under 32).", "",
+      provenance(report, "medians"),
+  ])
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "compile_time": compile_both,
     "compile_time.first_call": compile_first_call,
@@ -725,6 +794,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "checkpoint_cost": checkpoint_cost,
     "parity": parity,
     "step_time.update_vs_fused": step_time_update_vs_fused,
+    "state_precision_int8": state_precision_int8,
+    "compile_time_int8": compile_time_int8,
 }
 
 

@@ -200,7 +200,7 @@ def _stored(
       floor = _blockwise.decoded(at_least, "nu") if at_least is not None else x
       quantized = _blockwise.store_max(jnp.maximum(x, floor.astype(x.dtype)), template)
     else:
-      quantized = _blockwise.store(x, buffer, stochastic=stochastic, keys=keys)[0]
+      quantized = _blockwise.store(x, buffer, stochastic=stochastic, keys=keys)
     return _blockwise.Quantized(_placed(quantized.codes, template.codes),
                                 _placed(quantized.exponents, template.exponents))
   if buffer == "nu_max":

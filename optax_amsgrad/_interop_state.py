@@ -189,14 +189,14 @@ def _stored(
 ) -> Any:
   """``value`` in the storage of ``template``, rounded as the solver's steps
   store it: ``mu`` and ``nu`` stochastically (when narrowing, with
-  ``state_rounding="stochastic"``), ``nu_max`` to nearest (8-bit blocks: up),
+  ``state_rounding="stochastic"``), ``nu_max`` to nearest,
   never below the stored ``nu`` (``at_least``)."""
   x = jnp.asarray(value, compute_dtype)
   keys = _rounding.stream_keys(seed, count, leaf_index)
   if _blockwise.is_quantized(template):
     if buffer == "nu_max":
-      # The step's monotone rule: the maximum of the stored nu too, rounded
-      # up under scales at least the template's (init's, at the floor).
+      # The step's monotone rule: the maximum of the stored nu too, under
+      # scales at least the template's (init's, at the floor).
       floor = _blockwise.decoded(at_least, "nu") if at_least is not None else x
       quantized = _blockwise.store_max(jnp.maximum(x, floor.astype(x.dtype)), template)
     else:

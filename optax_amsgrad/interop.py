@@ -43,21 +43,18 @@ them.
 way in and decoded on the way out. :func:`from_torch` and :func:`from_keras`
 encode the framework's float moments with the format's own encoder, as the
 solver's steps store them: ``mu`` and ``nu`` under fresh block scales, rounded
-as ``state_rounding`` says; ``nu_max`` rounded up, so that it is never below
-the framework's maximum (nor below the stored ``nu``) and never 0 where that
-is positive. The hand-over error is the code's resolution: in a block whose
-largest value is ``B``, :func:`~optax_amsgrad.decode_state` of the result
-differs from the framework's ``x`` by less than ``2**-M |x|`` (one step of
-the code) where ``|x|`` is within the code's 15 binades below the block's
-scale, and by less than ``2**(-13 - M) B`` below them, with ``M = 3`` for
-``mu`` (E4M3, a relative step of 1/8) and ``M = 4`` for ``nu`` (E4M4, 1/16)
-(and by less than ``2**(-114 - M)`` in a block below the scales' floor,
-``2**-100``);
-``nu_max`` lies less than one such step above the larger of the framework's
-and the stored ``nu``. Leaves the solver keeps in float32 (too small for
-blocks) move exactly. :func:`to_torch` and :func:`to_keras` write the values
-``decode_state`` reads, the ones the next step would use, into the
-framework's float32 buffers, exactly.
+as ``state_rounding`` says; ``nu_max`` to nearest from the larger of the
+framework's maximum and the stored ``nu`` (never below the stored ``nu``,
+never 0 where the framework's is positive). The hand-over error is the code's
+resolution: :func:`~optax_amsgrad.decode_state` of the result differs from the
+framework's ``x`` by less than one step of the code, ``2**-M |x|`` with ``M``
+its mantissa bits (3 for ``mu``, E4M3, and for ``nu`` and ``nu_max``, E5M3: a
+relative step of 1/8), down to the smallest binade the block's scale reaches,
+and by less than that binade's step below it (``tests/test_int8_interop.py``
+derives the bound from the format and checks it). Leaves the solver keeps in
+float32 (too small for blocks) move exactly. :func:`to_torch` and
+:func:`to_keras` write the values ``decode_state`` reads, the ones the next
+step would use, into the framework's float32 buffers, exactly.
 
 Parameters are matched by position: leaf ``i`` of ``params`` (in
 ``jax.tree.leaves`` order) is the framework's parameter ``order[i]`` (by

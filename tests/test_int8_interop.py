@@ -83,9 +83,9 @@ def params_of(arrays) -> dict[str, jax.Array]:
 def check_handed_in(state, framework: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
   """``state`` (one AMSGrad state over ``params_of``) against the framework's
   moments ``(mu, nu, nu_max)`` per parameter: 8-bit blocks where the leaf is
-  large enough, within one step of the code; ``nu_max`` never below the
-  framework's, never below the stored ``nu``, and never 0 where it is
-  positive; the small leaf as it is."""
+  large enough, within one step of the code; ``nu_max`` (rounded to nearest,
+  as the step stores it) never below the stored ``nu``, and never 0 where the
+  framework's is positive; the small leaf as it is."""
   inner = state[0]
   assert _blockwise.is_quantized(inner.mu["a"]) and _blockwise.is_quantized(inner.nu["a"])
   assert _blockwise.is_quantized(inner.nu_max["a"])
@@ -94,9 +94,8 @@ def check_handed_in(state, framework: list[tuple[np.ndarray, np.ndarray, np.ndar
     expected = np.asarray(framework[0][k], np.float64)
     got = np.asarray(decoded._asdict()[field]["a"], np.float64)
     if field == "nu_max":
-      # Rounded up from the maximum of the framework's and the stored nu.
+      # Rounded from the maximum of the framework's and the stored nu.
       expected = np.maximum(expected, np.asarray(decoded.nu["a"], np.float64))
-      assert (got >= expected).all()
     error = np.abs(got - expected)
     worst = float((error / resolution(expected, buffer)).max())
     assert worst < 1.0, (field, worst)
@@ -104,7 +103,6 @@ def check_handed_in(state, framework: list[tuple[np.ndarray, np.ndarray, np.ndar
     assert worst > 0.25, (field, worst)
     np.testing.assert_array_equal(np.asarray(decoded._asdict()[field]["b"]), framework[1][k])
   nu_max = np.asarray(decoded.nu_max["a"])
-  assert (nu_max >= framework[0][2]).all()
   assert (nu_max >= np.asarray(decoded.nu["a"])).all()
   assert (nu_max[framework[0][2] > 0] > 0).all()
 
@@ -170,7 +168,6 @@ def test_torch_round_trip_writes_the_decoded_state(torch):
   assert float(target.state_dict()["state"][0]["step"]) == STEPS
   # Back in torch, the moments are the original ones to the code's resolution.
   check_handed_in(state, original)
-  assert (moved[0][2] >= original[0][2]).all()
 
 
 def test_to_torch_after_int8_steps_writes_decode_state(torch):
@@ -281,7 +278,6 @@ def test_from_keras_quantizes_and_to_keras_writes_the_decoded_state(keras):
     for k, field in enumerate(("mu", "nu", "nu_max")):
       np.testing.assert_array_equal(moved[i][k], np.asarray(decoded._asdict()[field][name]))
   assert int(target.iterations.value) == STEPS
-  assert (moved[0][2] >= original[0][2]).all()
   float_solver = optax_amsgrad.amsgrad(LR, eps=1e-7, convention="keras")
   with pytest.raises(ValueError, match=r"mu_dtype: the solver stores the params' dtype, the "
                      r"state holds int8 \(8-bit blocks\) \(leaf 0 \['a'\]\)"):

@@ -40,30 +40,17 @@ class Facts(NamedTuple):
   nu_dtype: Any
 
 
-class DescribedUpdate:
+class DescribedUpdate(_step.ForwardingUpdate):
   """The update function of a solver built here out of Optax combinators,
-  called as Optax calls any update, and carrying ``facts(params)``: one
-  :class:`Facts` per leaf of ``params``."""
+  carrying ``facts(params)``: one :class:`Facts` per leaf of ``params``."""
 
   def __init__(
       self,
       update: Callable[..., Any],
       facts: Callable[[optax.Params], list[Facts]],
   ) -> None:
-    self._update = update
+    super().__init__(update)
     self.facts = facts
-
-  def __call__(
-      self,
-      updates: optax.Updates,
-      state: optax.OptState,
-      params: optax.Params | None = None,
-      **extra_args: Any,
-  ) -> tuple[optax.Updates, optax.OptState]:
-    result: tuple[optax.Updates, optax.OptState] = self._update(
-        updates, state, params, **extra_args
-    )
-    return result
 
 
 _WHAT_TO_PASS = (

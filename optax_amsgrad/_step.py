@@ -22,16 +22,14 @@ class _Recipe(NamedTuple):
   flat: bool = False
 
 
-class OnePassUpdate:
-  """The update function of an optimizer that :func:`apply_step` can take in
-  one pass (``amsgrad``, ``amsgradw``, and those in ``flatten_by_dtype``),
-  called as Optax calls any update; it also carries what the optimizer is
-  made of. A wrapper that replaces the update function (``optax.chain``,
-  ``optax.masked``, ...) hides it, and ``apply_step`` takes the two calls."""
+class ForwardingUpdate:
+  """An update function that calls ``update`` as Optax calls any update;
+  subclasses carry what the optimizer is made of, which a wrapper that
+  replaces the update function (``optax.chain``, ``optax.masked``, ...)
+  hides."""
 
-  def __init__(self, update: Callable[..., Any], recipe: _Recipe) -> None:
+  def __init__(self, update: Callable[..., Any]) -> None:
     self._update = update
-    self.recipe = recipe
 
   def __call__(
       self,
@@ -44,6 +42,17 @@ class OnePassUpdate:
         updates, state, params, **extra_args
     )
     return result
+
+
+class OnePassUpdate(ForwardingUpdate):
+  """The update function of an optimizer that :func:`apply_step` can take in
+  one pass (``amsgrad``, ``amsgradw``, and those in ``flatten_by_dtype``),
+  carrying its :class:`_Recipe`; hidden by a wrapper, ``apply_step`` takes
+  the two calls."""
+
+  def __init__(self, update: Callable[..., Any], recipe: _Recipe) -> None:
+    super().__init__(update)
+    self.recipe = recipe
 
 
 def one_pass(

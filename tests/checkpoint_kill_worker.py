@@ -33,27 +33,29 @@ from optax_amsgrad import checkpoint
 SIZES = (16, 64, 64, 4)
 
 
-def initial_params() -> dict[str, np.ndarray]:
+def initial_params(sizes: tuple[int, ...] = SIZES) -> dict[str, np.ndarray]:
+  """An MLP's params, layer widths ``sizes``."""
   rng = np.random.default_rng(0)
   params = {}
-  for i, (m, n) in enumerate(itertools.pairwise(SIZES)):
+  for i, (m, n) in enumerate(itertools.pairwise(sizes)):
     params[f"w{i}"] = (rng.normal(size=(m, n)) / np.sqrt(m)).astype(np.float32)
     params[f"b{i}"] = np.zeros((n,), np.float32)
   return params
 
 
-def batch(t: int) -> tuple[np.ndarray, np.ndarray]:
+def batch(t: int, sizes: tuple[int, ...] = SIZES) -> tuple[np.ndarray, np.ndarray]:
   rng = np.random.default_rng(1000 + t)
-  x = rng.normal(size=(32, SIZES[0])).astype(np.float32)
-  y = np.sin(x[:, : SIZES[-1]]).astype(np.float32)
+  x = rng.normal(size=(32, sizes[0])).astype(np.float32)
+  y = np.sin(x[:, : sizes[-1]]).astype(np.float32)
   return x, y
 
 
 def loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+  layers = len(params) // 2
   h = x
-  for i in range(len(SIZES) - 1):
+  for i in range(layers):
     h = h @ params[f"w{i}"] + params[f"b{i}"]
-    if i < len(SIZES) - 2:
+    if i < layers - 1:
       h = jnp.tanh(h)
   return jnp.mean((h - y) ** 2)
 

@@ -17,7 +17,6 @@ params and state to ``DIR/final.npz``.
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import os
 import random
 import re
@@ -37,6 +36,8 @@ import pytest
 import optax_amsgrad
 from optax_amsgrad import _blockwise, checkpoint
 
+import checkpoint_kill_worker
+
 # Two kernels in 8-bit blocks (one with a partial block), the biases and the
 # last kernel too small for blocks: float32.
 SIZES = (16, 256, 300, 4)
@@ -48,28 +49,14 @@ def optimizer() -> optax.GradientTransformation:
 
 
 def initial_params() -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(0)
-  params = {}
-  for i, (m, n) in enumerate(itertools.pairwise(SIZES)):
-    params[f"w{i}"] = (rng.normal(size=(m, n)) / np.sqrt(m)).astype(np.float32)
-    params[f"b{i}"] = np.zeros((n,), np.float32)
-  return params
+  return checkpoint_kill_worker.initial_params(SIZES)
 
 
 def batch(t: int) -> tuple[np.ndarray, np.ndarray]:
-  rng = np.random.default_rng(1000 + t)
-  x = rng.normal(size=(32, SIZES[0])).astype(np.float32)
-  y = np.sin(x[:, : SIZES[-1]]).astype(np.float32)
-  return x, y
+  return checkpoint_kill_worker.batch(t, SIZES)
 
 
-def loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-  h = x
-  for i in range(len(SIZES) - 1):
-    h = h @ params[f"w{i}"] + params[f"b{i}"]
-    if i < len(SIZES) - 2:
-      h = jnp.tanh(h)
-  return jnp.mean((h - y) ** 2)
+loss = checkpoint_kill_worker.loss
 
 
 def donated_step(solver: optax.GradientTransformation) -> Any:

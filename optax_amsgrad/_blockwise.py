@@ -201,6 +201,7 @@ def view(tree: Any) -> Any:
 _EXPONENT_SHIFT = 23
 _MANTISSA_MASK = np.uint32(0x7FFFFF)
 _ABS_MASK = np.uint32(0x7FFFFFFF)
+_ONE_BINADE = np.int32(1 << _EXPONENT_SHIFT)
 
 
 def _pow2(k: jax.Array) -> jax.Array:
@@ -222,8 +223,10 @@ def _needed_exponent(x: jax.Array, code: Code) -> jax.Array:
   non-finite values and zero."""
   bits = lax.bitcast_convert_type(x, jnp.uint32) & _ABS_MASK
   top = code.magnitude_value(code.max_magnitude)  # in [1, 2)
-  threshold = np.uint32(round((top - 1.0) * 2**23))
-  needed = _binade(bits) + ((bits & _MANTISSA_MASK) > threshold).astype(jnp.int32)
+  threshold = round((top - 1.0) * 2**23)
+  # Adding the mantissa's headroom above the top code carries into the
+  # exponent field exactly when the mantissa is above it.
+  needed = _binade(bits + np.uint32(0x7FFFFF - threshold))
   needed = lax.select(lax.is_finite(x), needed, jnp.full_like(needed, MIN_EXPONENT))
   return lax.clamp(jnp.int32(MIN_EXPONENT), needed, jnp.int32(_MAX_EXPONENT))
 
@@ -236,19 +239,41 @@ def _per_element(exponents: jax.Array, n: int) -> jax.Array:
   return wide.reshape(*exponents.shape[:-1], blocks * BLOCK)[..., :n]
 
 
+# The codes are decoded and rounded on the bits of float32 values. A normal
+# magnitude code c (e > 0) shifted left by 23 - M is the float32 bits of its
+# value at scale 2**(top - 127 - s), so adding ``_offset(s)`` (the bits of
+# 2**(s - top) with no mantissa) gives the bits of its value, and subtracting
+# it from the bits of |x| gives c with the rounded-off bits below it. A
+# subnormal code (e = 0, the first 2**M) is the same with one binade added,
+# less the value of that binade's start.
+
+
+def _offset(s: jax.Array, code: Code) -> jax.Array:
+  return (s + (127 - code.top)) << _EXPONENT_SHIFT
+
+
+def _values(c: jax.Array, s: jax.Array, code: Code) -> jax.Array:
+  """The float32 values of codes ``c`` (int32) at per-element scale exponents
+  ``s`` (int32), exactly."""
+  shift = _EXPONENT_SHIFT - code.mantissa_bits
+  magnitude = c & 0x7F if code.signed else c
+  subnormal = magnitude < (1 << code.mantissa_bits)
+  offset = _offset(s, code) + lax.select(subnormal, jnp.full_like(c, _ONE_BINADE),
+                                          jnp.zeros_like(c))
+  value = lax.bitcast_convert_type((magnitude << shift) + offset, jnp.float32)
+  # 2**(1 - top + s), the smallest normal code's value: exact to subtract.
+  value = value - lax.select(subnormal, lax.bitcast_convert_type(offset, jnp.float32),
+                             jnp.zeros_like(value))
+  if code.signed:
+    value = lax.bitcast_convert_type(
+        lax.bitcast_convert_type(value, jnp.int32) | ((c & 0x80) << 24), jnp.float32)
+  return lax.select(c == code.nan, jnp.full_like(value, jnp.nan), value)
+
+
 def decode(q: Quantized, code: Code) -> jax.Array:
   """The float32 values a :class:`Quantized` stands for (exact)."""
-  c = q.codes.astype(jnp.int32)
-  s = _per_element(q.exponents.astype(jnp.int32), q.codes.shape[-1])
-  magnitude = c & (code.max_magnitude if code.signed else 0xFF)
-  e = magnitude >> code.mantissa_bits
-  f = magnitude & ((1 << code.mantissa_bits) - 1)
-  significand = f + jnp.where(e > 0, 1 << code.mantissa_bits, 0)
-  k = jnp.maximum(e, 1) + (s - code.top - code.mantissa_bits)
-  value = significand.astype(jnp.float32) * _pow2(k)
-  if code.signed:
-    value = jnp.where(c >= 0x80, -value, value)
-  return jnp.where(c == code.nan, jnp.float32(jnp.nan), value)
+  return _values(q.codes.astype(jnp.int32),
+                 _per_element(q.exponents.astype(jnp.int32), q.codes.shape[-1]), code)
 
 
 def _encode(
@@ -257,48 +282,57 @@ def _encode(
     code: Code,
     mode: Literal["stochastic", "nearest", "nearest_nonzero", "up"],
     bits: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """``(codes, the values they stand for)`` of float32 ``x`` at per-element
-  scale exponents ``s`` (int32, at least :func:`_needed_exponent` of ``x``).
+) -> jax.Array:
+  """The uint8 codes of float32 ``x`` at per-element scale exponents ``s``
+  (int32, at least :func:`_needed_exponent` of ``x``).
 
-  ``"up"`` rounds the magnitude up and a nonzero one never to zero;
-  ``"stochastic"`` rounds to one of the two neighbouring codes, up with
-  probability equal to the fraction of the gap below ``|x|`` (``bits``:
-  uniform uint32).
+  ``"nearest"`` rounds to the nearest code (ties to even); ``"up"`` rounds
+  the magnitude up and a nonzero one never to zero; ``"stochastic"`` rounds
+  to one of the two neighbouring codes, up with probability equal to the
+  fraction of the gap below ``|x|`` (``bits``: uniform uint32, of which the
+  high 24 are used).
   """
+  m = code.mantissa_bits
+  shift = _EXPONENT_SHIFT - m
   raw = lax.bitcast_convert_type(x, jnp.uint32)
   magnitude_bits = raw & _ABS_MASK
-  magnitude = lax.bitcast_convert_type(magnitude_bits, jnp.float32)
-  m = code.mantissa_bits
-  field = jnp.maximum(_binade(magnitude_bits) - s + code.top, 1)
-  k = field - code.top + s - m
-  # |x| / 2**k, exact: a power of two in the normal range (s >= the floor).
-  scaled = magnitude * _pow2(-k)
-  low = jnp.floor(scaled)
-  if mode == "up":
-    n = jnp.ceil(scaled).astype(jnp.int32)
-    # A positive |x| too small for float32 arithmetic here still gets code 1.
-    n = jnp.maximum(n, (magnitude_bits != 0).astype(jnp.int32))
-  elif mode.startswith("nearest"):
-    n = jnp.round(scaled).astype(jnp.int32)
-    if mode == "nearest_nonzero":
-      n = jnp.maximum(n, (magnitude_bits != 0).astype(jnp.int32))
-  else:
+  nonzero = (magnitude_bits != 0).astype(jnp.int32)
+  if mode == "stochastic":
     assert bits is not None
-    uniform = (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
-    n = (low + (uniform < scaled - low).astype(jnp.float32)).astype(jnp.int32)
-  c = jnp.minimum((field - 1) * (1 << m) + n, code.max_magnitude)
-  e = c >> m
-  significand = (c & ((1 << m) - 1)) + jnp.where(e > 0, 1 << m, 0)
-  value = significand.astype(jnp.float32) * _pow2(jnp.maximum(e, 1) + (s - code.top - m))
-  finite = lax.is_finite(x)
+    uniform = bits >> 8
+
+  # Normal codes: the code is the bits above ``shift``, the rest is rounded.
+  t = magnitude_bits.astype(jnp.int32) - _offset(s, code)
+  base, below = t >> shift, t & ((1 << shift) - 1)
+  if mode == "up":
+    up = below != 0
+  elif mode.startswith("nearest"):
+    half = 1 << (shift - 1)
+    up = (below > half) | ((below == half) & ((base & 1) == 1))
+  else:
+    up = uniform < (below << (24 - shift)).astype(jnp.uint32)
+  c = base + up.astype(jnp.int32)
+
+  # Subnormal codes (|x| below the smallest normal code): multiples of the
+  # lowest binade's spacing, rounded as floats (|x| / spacing is exact).
+  scaled = lax.bitcast_convert_type(magnitude_bits, jnp.float32) * _pow2(code.top + m - 1 - s)
+  if mode == "up":
+    n = jnp.ceil(scaled)
+  elif mode.startswith("nearest"):
+    n = lax.round(scaled, lax.RoundingMethod.TO_NEAREST_EVEN)
+  else:
+    low = jnp.floor(scaled)
+    n = low + (uniform.astype(jnp.float32) * jnp.float32(2.0**-24) < scaled - low).astype(
+        jnp.float32)
+  c = lax.select(t >= _ONE_BINADE, c, n.astype(jnp.int32))
+  if mode in ("up", "nearest_nonzero"):
+    # A positive |x| too small for float32 arithmetic here still gets code 1.
+    c = jnp.maximum(c, nonzero)
+  c = jnp.minimum(c, code.max_magnitude)
   if code.signed:
-    negative = (raw >> 31) == 1
-    c = jnp.where(negative & (c != 0), c | 0x80, c)
-    value = jnp.where(negative, -value, value)
-  c = jnp.where(finite, c, code.nan)
-  value = jnp.where(finite, value, jnp.float32(jnp.nan))
-  return c.astype(jnp.uint8), value
+    c = c | lax.select((raw >> 31 == 1) & (c != 0), jnp.full_like(c, 0x80), jnp.zeros_like(c))
+  c = lax.select(lax.is_finite(x), c, jnp.full_like(c, code.nan))
+  return c.astype(jnp.uint8)
 
 
 def fresh_exponents(x: jax.Array, code: Code) -> jax.Array:
@@ -306,14 +340,79 @@ def fresh_exponents(x: jax.Array, code: Code) -> jax.Array:
   values.
 
   The per-element exponents are reduced as uint8 (offset by 128): XLA:CPU
-  materializes the input of a reduction, and one byte per element is the
-  least it can keep."""
+  materializes the input of a plain reduction, and one byte per element is
+  the least it can keep."""
   needed = (_needed_exponent(x, code) + 128).astype(jnp.uint8)
+  largest = jnp.max(_blocked(needed, 128 + MIN_EXPONENT), axis=-1)
+  return largest.astype(jnp.int32) - 128
+
+
+def fresh_exponents_of(*values: tuple[jax.Array, Code]) -> tuple[jax.Array, ...]:
+  """:func:`fresh_exponents` of several arrays of one shape, in one
+  reduction: a variadic reduction, into which XLA:CPU fuses the computation
+  of its inputs (no temporary), reading their common operands once."""
+  if len(values) == 1:
+    # A variadic reduction of one array is a plain one.
+    return (fresh_exponents(*values[0]),)
+  needed = [_blocked(_needed_exponent(x, code), MIN_EXPONENT) for x, code in values]
+  largest = lax.reduce(
+      needed, [np.int32(MIN_EXPONENT)] * len(needed),
+      lambda a, b: [lax.max(x, y) for x, y in zip(a, b, strict=True)],
+      (needed[0].ndim - 1,))
+  return tuple(largest)
+
+
+def _blocked(x: jax.Array, fill: int) -> jax.Array:
+  """``x`` with its last axis padded by ``fill`` to whole blocks and split
+  into (blocks, BLOCK)."""
   n = x.shape[-1]
   blocks = -(-n // BLOCK)
-  padded = jnp.pad(needed, [(0, 0)] * (x.ndim - 1) + [(0, blocks * BLOCK - n)])
-  largest = jnp.max(padded.reshape(*x.shape[:-1], blocks, BLOCK), axis=-1)
-  return jnp.maximum(largest.astype(jnp.int32) - 128, MIN_EXPONENT)
+  padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, blocks * BLOCK - n)],
+                   constant_values=np.array(fill, x.dtype))
+  return padded.reshape(*x.shape[:-1], blocks, BLOCK)
+
+
+def computed_together(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """``arrays`` (of one shape), all computed in one pass over their inputs
+  on CPU.
+
+  XLA:CPU has no multi-output elementwise fusion: left to itself it
+  computes each stored buffer in a pass of its own and again inside every
+  consumer (the update), from the old codes, which it must then copy before
+  the new ones are written over them. A variadic reduction is one fusion with
+  several outputs, and its outputs are read, not recomputed, by their
+  consumers: each array is reduced (by ``max``) over a new last axis that
+  pairs it with the reduction's identity. The other backends fuse sibling
+  outputs themselves and get the arrays as they are."""
+  if len(arrays) < 2:
+    return arrays
+
+  def together(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    shape = arrays[0].shape
+    paired = [
+        lax.concatenate([x[..., None], jnp.full((*shape, 1), _lowest(x.dtype), x.dtype)],
+                        len(shape))
+        for x in arrays
+    ]
+    return tuple(lax.reduce(
+        paired, [_lowest(x.dtype) for x in arrays],
+        lambda a, b: [lax.max(x, y) for x, y in zip(a, b, strict=True)], (len(shape),)))
+
+  return tuple(lax.platform_dependent(*arrays, cpu=together, default=lambda *a: a))
+
+
+def stored_together(*buffers: Any) -> tuple[Any, ...]:
+  """``buffers`` with the codes of the :class:`Quantized` ones
+  :func:`computed_together`."""
+  codes = iter(computed_together(*[x.codes for x in buffers if is_quantized(x)]))
+  return tuple(x._replace(codes=next(codes)) if is_quantized(x) else x for x in buffers)
+
+
+def _lowest(dtype: Any) -> Any:
+  dtype = np.dtype(dtype)
+  if np.issubdtype(dtype, np.floating):
+    return np.array(-np.inf, dtype)
+  return np.array(np.iinfo(dtype).min, dtype)
 
 
 def scaled_exponents(exponents: jax.Array, scale: jax.Array, code: Code = NU_CODE) -> jax.Array:
@@ -338,8 +437,9 @@ def quantize(
   ``exponents`` (int32, large enough for ``x``) or fresh ones."""
   if exponents is None:
     exponents = fresh_exponents(x, code)
-  codes, value = _encode(x, _per_element(exponents, x.shape[-1]), code, mode, bits)
-  return Quantized(codes, exponents.astype(jnp.int8)), value
+  s = _per_element(exponents, x.shape[-1])
+  codes = _encode(x, s, code, mode, bits)
+  return Quantized(codes, exponents.astype(jnp.int8)), _values(codes.astype(jnp.int32), s, code)
 
 
 def store(
@@ -364,20 +464,42 @@ def store(
 
 
 def store_max(x: jax.Array, old: Quantized, needed: jax.Array | None = None) -> Quantized:
-  """The new running maximum ``x`` (float32, at least the decoded ``old``):
-  scale exponents that never decrease, values rounded by :data:`MAX_ROUNDING`
-  (never below the old ones, never to zero). ``needed``: the
-  blocks' :func:`fresh_exponents` of what ``x`` adds to ``old`` (the old
-  values fit the old exponents), by default of ``x``."""
+  """The new running maximum of ``old`` and ``x`` (float32): scale exponents
+  that never decrease, values rounded by :data:`MAX_ROUNDING` (never below
+  the old ones, never to zero). ``needed``: the blocks' :func:`fresh_exponents`
+  of ``x`` (the old values fit the old exponents), computed by default.
+
+  Rounding is monotone, so the rounded maximum is the larger of ``x``
+  rounded and the old value rounded up to the new scale (it is a code there
+  unless the scale grew past its binade), which :func:`_rescaled_up` finds
+  from the old code without decoding it."""
   if needed is None:
     needed = fresh_exponents(x, NU_CODE)
-  exponents = jnp.maximum(old.exponents.astype(jnp.int32), needed)
-  if MAX_ROUNDING == "up":
-    return quantize(x, NU_CODE, mode="up", exponents=exponents)[0]
-  s = _per_element(exponents, x.shape[-1])
-  nearest = _encode(x, s, NU_CODE, "nearest_nonzero")[0]
-  kept = _encode(decode(old, NU_CODE), s, NU_CODE, "up")[0]
-  return Quantized(jnp.maximum(nearest, kept), exponents.astype(jnp.int8))
+  old_exponents = old.exponents.astype(jnp.int32)
+  exponents = jnp.maximum(old_exponents, needed)
+  n = x.shape[-1]
+  mode: Literal["nearest_nonzero", "up"] = "nearest_nonzero" if MAX_ROUNDING == "nearest" else "up"
+  rounded = _encode(x, _per_element(exponents, n), NU_CODE, mode)
+  kept = _rescaled_up(old.codes, _per_element(exponents - old_exponents, n), NU_CODE)
+  return Quantized(jnp.maximum(rounded, kept), exponents.astype(jnp.int8))
+
+
+def _rescaled_up(c: jax.Array, shift: jax.Array, code: Code) -> jax.Array:
+  """Unsigned codes ``c`` (uint8) at a scale ``shift >= 0`` binades larger,
+  rounded up (a nonzero one never to zero; NaN stays NaN): a normal code
+  moves down by ``shift`` binades exactly while it stays normal; below that,
+  its significand is divided by the power of two and rounded up."""
+  m = code.mantissa_bits
+  c32 = c.astype(jnp.int32)
+  moved = c32 - (shift << m)
+  e = c32 >> m
+  significand = lax.select(e > 0, (c32 & ((1 << m) - 1)) | (1 << m), c32)
+  # |old| / (new lowest spacing) = significand * 2**-k; past 2**-(m + 2) every
+  # nonzero significand rounds up to 1.
+  k = jnp.minimum(shift + 1 - jnp.maximum(e, 1), m + 2)
+  subnormal = (significand + (1 << k) - 1) >> k
+  kept = lax.select(moved >= (1 << m), moved, subnormal)
+  return lax.select(c32 == code.nan, c32, kept).astype(jnp.uint8)
 
 
 def decoded(x: Any, buffer: str) -> Any:
@@ -388,3 +510,4 @@ def decoded(x: Any, buffer: str) -> Any:
 def is_narrowing(compute_dtype: Any, stored: Any) -> bool:
   """Whether storing in ``stored``'s format rounds the compute dtype."""
   return is_quantized(stored) or _rounding.is_narrowing(compute_dtype, stored.dtype)
+

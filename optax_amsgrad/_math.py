@@ -279,30 +279,34 @@ def _blockwise_stored(
   (``_blockwise``): ``nu_max`` rounded under block scales that never
   decrease, never below its old value."""
   m, v, v_max = old
-  if quantized[0]:
+  mu_int8, nu_int8 = quantized[0], quantized[1]
+  assert quantized[2] == nu_int8, "nu_max follows nu's storage"
+  # The block scales of the new mu and nu, in one reduction. nu_max's new
+  # values are v * nu_max_scale (its old ones fit its old scales): the scales
+  # they need follow from v's.
+  scales = iter(_blockwise.fresh_exponents_of(*[
+      (x, _blockwise.CODES[buffer])
+      for x, buffer, int8 in ((new_m, "mu", mu_int8), (new_v, "nu", nu_int8)) if int8]))
+  if mu_int8:
     stored_m: Any = _blockwise.store(new_m, "mu", stochastic=rounding.stochastic,
-                                     keys=rounding.keys, index=index)
+                                     keys=rounding.keys, index=index, exponents=next(scales))
   else:
     stored_m = store(new_m, m, "mu")
   stored_v: Any
-  if quantized[1]:
-    # nu_max's new values are v * nu_max_scale (or its old ones, which fit its
-    # old scales): the exponents they need follow from v's, in one reduction.
-    v_exponents = _blockwise.fresh_exponents(new_v, _blockwise.NU_CODE)
+  stored_v_max: Any
+  if nu_int8:
+    v_exponents = next(scales)
     stored_v = _blockwise.store(new_v, "nu", stochastic=rounding.stochastic,
                                 keys=rounding.keys, index=index, exponents=v_exponents)
-  else:
-    stored_v = store(new_v, v, "nu")
-    v_value = stored_v.astype(new_v.dtype)
-  if quantized[2]:
     # Not raised to the stored nu, unlike narrower floats: the stochastic
     # rounding's noise would inflate a running maximum of it.
-    stored_v_max: Any = _blockwise.store_max(
-        new_v_max, v_max, _blockwise.scaled_exponents(v_exponents, nu_max_scale))
+    stored_v_max = _blockwise.store_max(
+        new_v * nu_max_scale, v_max, _blockwise.scaled_exponents(v_exponents, nu_max_scale))
   else:
+    stored_v = store(new_v, v, "nu")
     stored_v_max = _rounding.store_max(new_v_max, v_max.dtype, stochastic=rounding.stochastic,
-                                       at_least=v_value, scale=nu_max_scale)
-  return stored_m, stored_v, stored_v_max
+                                       at_least=stored_v.astype(new_v.dtype), scale=nu_max_scale)
+  return _blockwise.stored_together(stored_m, stored_v, stored_v_max)
 
 
 def xla_stepped(

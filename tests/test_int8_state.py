@@ -175,6 +175,27 @@ def test_stochastic_rounding_is_unbiased_between_neighbours(buffer):
   assert abs(relative.mean()) < 5 * relative.std() / np.sqrt(relative.size)
 
 
+def test_a_larger_scale_moves_nu_max_codes_exactly_or_rounds_them_up():
+  """``nu_max``'s old codes under a scale ``shift`` binades larger: the
+  NumPy model's old value rounded up at the new scale, for every code."""
+  code = _blockwise.NU_CODE
+  codes = np.arange(256, dtype=np.uint8)
+  for old_exponent in (_blockwise.MIN_EXPONENT, -3, 60):
+    old_values = np.append(np_values(code, old_exponent), np.nan)
+    for shift in range(0, 40):
+      new_exponent = old_exponent + shift
+      if new_exponent > 126:
+        break
+      kept = _blockwise._rescaled_up(
+          jnp.asarray(codes), jnp.full(codes.shape, shift, jnp.int32), code)
+      decoded = np.asarray(_blockwise.decode(
+          _blockwise.Quantized(kept[None], jnp.full((1, 1), new_exponent, jnp.int8)), code),
+          np.float64)[0]
+      expected = np_round(old_values, np.full(256, new_exponent), code, "up")
+      np.testing.assert_array_equal(decoded, expected, err_msg=f"{old_exponent=} {shift=}")
+      assert np.all(decoded[1:255] > 0)
+
+
 # --- AMSGrad's guarantee ----------------------------------------------------
 
 

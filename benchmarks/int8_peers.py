@@ -19,6 +19,9 @@ False). Variants, per problem and seed:
 
 Each row is, per seed, the final loss over the float32 run's, less 1; then
 their mean and its standard error (ddof=1), as ``int8_quality`` reports them.
+Every run also records its loss on all training data, and the float32 and
+8-bit runs how many elements of the final ``exp_avg_sq`` read back as 0
+(where ``exp_avg`` is not 0, AdamW's step there is ``lr * m / eps``).
 
 Which params torchao keeps in 8 bits: ``_AdamBase._new_buffer`` in
 ``torchao/optim/adam.py`` quantizes a state tensor only when its param has
@@ -42,7 +45,8 @@ Install the peer (it must not change torch; torch stays 2.13 CPU)::
 
   pip install --no-deps torchao==0.18.0
 
-Run (a few minutes on 2 CPU cores, one thread)::
+Run (about 6 minutes on 2 CPU cores, one thread; most of it torch.compile
+and torchao's compiled steps)::
 
   python benchmarks/int8_peers.py [--quick] [--seeds N]
 
@@ -168,8 +172,9 @@ VARIANTS: dict[str, Optimizer] = {
 
 
 def train(problem: Problem, make: Optimizer, params: Any
-          ) -> tuple[float, list[torch.Tensor], torch.optim.Optimizer]:
-  """Final loss, the trained leaves and the optimizer (with its state)."""
+          ) -> tuple[float, float, list[torch.Tensor], torch.optim.Optimizer]:
+  """Final loss, the loss on all training data, the trained leaves and the
+  optimizer (with its state)."""
   tree = jax.tree.map(lambda a: torch.tensor(np.asarray(a)).requires_grad_(), params)
   leaves = jax.tree.leaves(tree)
   optimizer = make(leaves, problem.learning_rate)
@@ -181,7 +186,22 @@ def train(problem: Problem, make: Optimizer, params: Any
     optimizer.step()
   with torch.no_grad():
     final = problem.loss(tree, problem.x_final, problem.y_final)
-  return float(final), leaves, optimizer
+    train_loss = problem.loss(tree, problem.x, problem.y)
+  return float(final), float(train_loss), leaves, optimizer
+
+
+def second_moment_zeros(optimizer: torch.optim.Optimizer,
+                        leaves: list[torch.Tensor]) -> dict[str, int]:
+  """Elements whose stored ``exp_avg_sq`` reads back as 0, and those of
+  them whose ``exp_avg`` does not (their step is ``lr * m / eps``)."""
+  zeros = live = 0
+  for leaf in leaves:
+    state = optimizer.state[leaf]
+    read = lambda x: x.dequantize() if isinstance(x, OptimState8bit) else x
+    zero = read(state["exp_avg_sq"]) == 0
+    zeros += int(zero.sum())
+    live += int((zero & (read(state["exp_avg"]) != 0)).sum())
+  return {"exp_avg_sq_zeros": zeros, "of_them_exp_avg_nonzero": live}
 
 
 def state_count(optimizer: torch.optim.Optimizer, names: list[str],
@@ -246,8 +266,11 @@ def quality(seeds: list[int], steps_scale: float) -> dict[str, Any]:
         if variant == "float32_jitter":
           params = state_precision._jitter(params, seed)
         start = time.perf_counter()
-        run[variant], leaves, optimizer = train(problem, make, params)
+        run[variant], run[f"{variant}_train_loss"], leaves, optimizer = train(
+            problem, make, params)
         run[f"{variant}_seconds"] = time.perf_counter() - start
+        if variant in ("float32", "adamw8bit"):
+          run[f"{variant}_state_zeros"] = second_moment_zeros(optimizer, leaves)
         if seed == seeds[0] and variant in ("float32", "adamw8bit"):
           names = [jax.tree_util.keystr(path) for path, _ in
                    jax.tree_util.tree_flatten_with_path(problem.params)[0]]

@@ -41,9 +41,10 @@ trains on the JAX script's data order; the record holds both frameworks'
 first minibatch loss as a check. These are AdamW runs, not AMSGrad: compare
 the relative changes with the JAX rows, not the losses.
 
-Install the peer (it must not change torch; torch stays 2.13 CPU)::
+Install the peer with the project's ``peers`` extra (torchao has no
+dependencies of its own; torch stays the pinned 2.13 CPU build)::
 
-  pip install --no-deps torchao==0.18.0
+  pip install -e ".[peers]"
 
 Run (about 6 minutes on 2 CPU cores, one thread; most of it torch.compile
 and torchao's compiled steps)::

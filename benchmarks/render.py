@@ -85,7 +85,7 @@ def load(root: Path, name: str) -> dict[str, Any]:
 
 
 # The versions the line under a table names, where the run recorded them.
-PACKAGES = ("jax", "jaxlib", "optax", "torch", "keras", "orbax-checkpoint")
+PACKAGES = ("jax", "jaxlib", "optax", "torch", "torchao", "keras", "orbax-checkpoint")
 # The vector extensions that bound a streaming step, widest first: the line
 # names the widest the machine had.
 SIMD = (("avx512f", "avx512_bf16"), ("avx2",))
@@ -713,6 +713,7 @@ def step_time_update_vs_fused(root: Path) -> str:
 INT8_VARIANTS = (
     ("float32_jitter", "float32, params perturbed (control)"),
     ("bf16_stochastic", "bfloat16, stochastic"),
+    ("int8", "int8, the defaults (leaves under 4,096 elements in float32)"),
     ("int8_all", "int8, every leaf"),
     ("int8_all_up", "int8, `nu_max` rounded up"),
     ("int8_nearest_all", "int8, round to nearest under a fresh scale"),
@@ -776,6 +777,43 @@ def compile_time_int8(root: Path) -> str:
       provenance(report, "medians"),
   ])
 
+PEER_VARIANTS = (
+    ("float32_jitter", "float32 `AdamW`, params perturbed (control)"),
+    ("torchao_float32", "torchao's step with float32 state"),
+    ("adamw8bit", "torchao `AdamW8bit`"),
+)
+
+
+def int8_peers(root: Path) -> str:
+  """torchao's 8-bit AdamW against float32 AdamW, as the 8-bit rows above."""
+  report = load(root, "int8_peers")
+  results = report["quality"]
+  names = list(results)
+  rows = []
+  for variant, label in PEER_VARIANTS:
+    cells = []
+    for name in names:
+      summary = results[name]["summary"][variant]
+      cells.append(f"{signed_percent(summary['mean_relative_change'])} "
+                   f"\u00b1 {summary['standard_error'] * 100:.2f}%")
+    rows.append([label, *cells])
+  state = [results[name]["state"]["adamw8bit"] for name in names]
+  rows.append(["`AdamW8bit`: params in 8 bits; state bytes per param",
+               *(f"{s['params_8bit']:,} of {s['params']:,}; {s['state_bytes_per_param']:.2f}"
+                 for s in state)])
+  seeds = {len(entry["runs"]) for entry in results.values()}
+  raised = report["amsgrad_true"]
+  return "\n".join([
+      *table(["PyTorch", *(name.replace("_", " ") for name in names)], rows), "",
+      f"`AdamW8bit(amsgrad=True)` raises `{raised['type']}` on its first step "
+      f"(caused by `{raised['cause'].split(', types=')[0]}`)." if raised.get("raised")
+      else "`AdamW8bit(amsgrad=True)` ran.", "",
+      provenance(report, f"mean change of the final loss against float32 `AdamW` "
+                         f"\u00b1 its standard error over {', '.join(map(str, sorted(seeds)))} "
+                         f"data orders"),
+  ])
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "compile_time": compile_both,
     "compile_time.first_call": compile_first_call,
@@ -796,6 +834,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "step_time.update_vs_fused": step_time_update_vs_fused,
     "state_precision_int8": state_precision_int8,
     "compile_time_int8": compile_time_int8,
+    "int8_peers": int8_peers,
 }
 
 

@@ -54,7 +54,7 @@ import optax
 from machine import CORE_PACKAGES, command_line, load_average, provenance
 
 import optax_amsgrad
-from optax_amsgrad import _blockwise, _rounding, _transform
+from optax_amsgrad import _blockwise, _math, _rounding
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -362,11 +362,11 @@ class _EveryLeaf:
     self.saved = (_blockwise.MIN_SIZE, _blockwise.MIN_ROW)
     _blockwise.MIN_SIZE, _blockwise.MIN_ROW = 0, 1
     # The per-leaf step is jitted at module level: trace it again here.
-    _transform._xla_leaf.clear_cache()
+    _math.leaf_step.clear_cache()
 
   def __exit__(self, *exc: object) -> None:
     _blockwise.MIN_SIZE, _blockwise.MIN_ROW = self.saved
-    _transform._xla_leaf.clear_cache()
+    _math.leaf_step.clear_cache()
 
 
 class _RoundedUp(_EveryLeaf):
@@ -386,8 +386,9 @@ class _RoundedUp(_EveryLeaf):
 def _nearest_max(x: jax.Array, old: Any, needed: Any = None) -> Any:
   """``nu_max`` as 8-bit Adam libraries store their moments: rounded to
   nearest under each step's fresh block scales (it may decrease, or vanish)."""
-  del old, needed
-  return _blockwise.quantize(x, _blockwise.NU_CODE, mode="nearest")[0]
+  del needed
+  new_max = jnp.maximum(x, _blockwise.decode(old, _blockwise.NU_CODE))
+  return _blockwise.quantize(new_max, _blockwise.NU_CODE, mode="nearest")[0]
 
 
 class _NearestControl(_EveryLeaf):

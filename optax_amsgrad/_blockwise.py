@@ -77,6 +77,7 @@ more than the codes save.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -343,7 +344,7 @@ def fresh_exponents(x: jax.Array, code: Code) -> jax.Array:
   materializes the input of a plain reduction, and one byte per element is
   the least it can keep."""
   needed = (_needed_exponent(x, code) + 128).astype(jnp.uint8)
-  largest = jnp.max(_blocked(needed, 128 + MIN_EXPONENT), axis=-1)
+  (largest,) = _block_max([needed], lambda parts: [jnp.max(parts[0], axis=-1)])
   return largest.astype(jnp.int32) - 128
 
 
@@ -354,22 +355,33 @@ def fresh_exponents_of(*values: tuple[jax.Array, Code]) -> tuple[jax.Array, ...]
   if len(values) == 1:
     # A variadic reduction of one array is a plain one.
     return (fresh_exponents(*values[0]),)
-  needed = [_blocked(_needed_exponent(x, code), MIN_EXPONENT) for x, code in values]
-  largest = lax.reduce(
-      needed, [np.int32(MIN_EXPONENT)] * len(needed),
-      lambda a, b: [lax.max(x, y) for x, y in zip(a, b, strict=True)],
-      (needed[0].ndim - 1,))
-  return tuple(largest)
+
+  def largest(parts: list[jax.Array]) -> list[jax.Array]:
+    return lax.reduce(
+        parts, [np.int32(MIN_EXPONENT)] * len(parts),
+        lambda a, b: [lax.max(x, y) for x, y in zip(a, b, strict=True)],
+        (parts[0].ndim - 1,))
+
+  return tuple(_block_max([_needed_exponent(x, code) for x, code in values], largest))
 
 
-def _blocked(x: jax.Array, fill: int) -> jax.Array:
-  """``x`` with its last axis padded by ``fill`` to whole blocks and split
-  into (blocks, BLOCK)."""
-  n = x.shape[-1]
-  blocks = -(-n // BLOCK)
-  padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, blocks * BLOCK - n)],
-                   constant_values=np.array(fill, x.dtype))
-  return padded.reshape(*x.shape[:-1], blocks, BLOCK)
+def _block_max(
+    arrays: list[jax.Array], largest: Callable[[list[jax.Array]], list[jax.Array]]
+) -> list[jax.Array]:
+  """``largest`` (a reduction over the last axis) of each block of
+  ``arrays``: the whole blocks as one view, the last, shorter block of a
+  row apart (padding the arrays would cost every element a bounds check)."""
+  *lead, n = arrays[0].shape
+  whole = n // BLOCK * BLOCK
+  results = []
+  if whole:
+    results.append(largest([x[..., :whole].reshape(*lead, whole // BLOCK, BLOCK)
+                            for x in arrays]))
+  if whole < n:
+    results.append(largest([x[..., whole:].reshape(*lead, 1, n - whole) for x in arrays]))
+  if len(results) == 1:
+    return list(results[0])
+  return [jnp.concatenate(parts, axis=-1) for parts in zip(*results, strict=True)]
 
 
 def computed_together(*arrays: jax.Array) -> tuple[jax.Array, ...]:

@@ -357,10 +357,10 @@ def fresh_exponents_of(*values: tuple[jax.Array, Code]) -> tuple[jax.Array, ...]
     return (fresh_exponents(*values[0]),)
 
   def largest(parts: list[jax.Array]) -> list[jax.Array]:
-    return lax.reduce(
+    return list(lax.reduce(
         parts, [np.int32(MIN_EXPONENT)] * len(parts),
         lambda a, b: [lax.max(x, y) for x, y in zip(a, b, strict=True)],
-        (parts[0].ndim - 1,))
+        (parts[0].ndim - 1,)))
 
   return tuple(_block_max([_needed_exponent(x, code) for x, code in values], largest))
 

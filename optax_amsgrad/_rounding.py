@@ -147,9 +147,7 @@ def tree_stream_keys(
   into it: XLA compiles fusions that differ only in a constant separately,
   and identical ones once, so the many same-shaped leaves of a model cost
   one compiled kernel, as they do in ``optax.amsgrad``. The keys of all
-  leaves are hashed at once and handed out by variadic ``reduce``s (an ``or``
-  with zero) of 32 keys each: XLA fuses a slice into its consumer, with its
-  constant position, but not a reduce, and cannot fold this one away.
+  leaves are hashed at once and handed out by :func:`run_time_scalars`.
   """
   positions = jnp.asarray(np.asarray(leaf_indices, np.uint32))
   streams = [("mu", "real"), ("nu", "real")]
@@ -157,24 +155,32 @@ def tree_stream_keys(
     streams += [("mu", "imag"), ("nu", "imag")]
   by_stream = {}
   for buffer, part in streams:
-    keys = stream_key(seed, count, buffer, positions, part)
-    pairs = jnp.stack([keys, jnp.zeros_like(keys)], axis=1)
-    out = []
-    for start in range(0, len(leaf_indices), _KEYS_PER_REDUCE):
-      n = min(_KEYS_PER_REDUCE, len(leaf_indices) - start)
-      out.extend(lax.reduce(
-          tuple(pairs[start + i] for i in range(n)),
-          tuple(np.uint32(0) for _ in range(n)),
-          lambda xs, ys: tuple(x | y for x, y in zip(xs, ys, strict=True)),
-          (0,),
-      ))
-    by_stream[buffer, part] = out
+    by_stream[buffer, part] = run_time_scalars(stream_key(seed, count, buffer, positions, part))
   zero = jnp.zeros([], jnp.uint32)
   return [
       StreamKeys(*(by_stream[buffer, part][i] if (buffer, part) in by_stream else zero
                    for part in ("real", "imag") for buffer in ("mu", "nu")))
       for i in range(len(leaf_indices))
   ]
+
+
+def run_time_scalars(values: jax.Array) -> list[jax.Array]:
+  """The elements of the 1-D integer ``values``, each a separate scalar that
+  XLA computes at run time rather than a constant it folds into its
+  consumers: fusions that differ only in such a scalar compile once.
+  Handed out by variadic ``reduce``s (an ``or`` with zero) of a few each: XLA
+  fuses a slice into its consumer, with its constant position, but not a
+  reduce, and cannot fold this one away."""
+  pairs = jnp.stack([values, jnp.zeros_like(values)], axis=1)
+  zero = np.zeros((), values.dtype)
+  out: list[jax.Array] = []
+  for start in range(0, len(values), _KEYS_PER_REDUCE):
+    n = min(_KEYS_PER_REDUCE, len(values) - start)
+    out.extend(lax.reduce(
+        tuple(pairs[start + i] for i in range(n)), tuple(zero for _ in range(n)),
+        lambda xs, ys: tuple(x | y for x, y in zip(xs, ys, strict=True)), (0,),
+    ))
+  return out
 
 
 def random_bits(

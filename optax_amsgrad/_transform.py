@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from optax_amsgrad import _blockwise, _dtypes, _math, _placement, _rounding, _validation, cpu
 
@@ -344,18 +345,41 @@ def _step(
       ))
     return tree_keys[i]
 
+  def xla_leaves(indices: list[int]) -> list[tuple[jax.Array, ...]]:
+    """(new params or updates, m, v, v_max) of the leaves at ``indices``, by
+    XLA: one leaf as it is, several (alike) stacked and stepped as one."""
+    first = leaves[indices[0]]
+    moment_coefficients, direction = parts(first.g.dtype)
+    narrowing = options.stochastic and any(
+        _blockwise.is_narrowing(_math.compute_dtypes(first.g.dtype)[1], x)
+        for x in (first.m, first.v))
+
+    def step(*operands: Any) -> tuple[jax.Array, ...]:
+      stepped: tuple[jax.Array, ...] = _math.leaf_step(
+          moment_coefficients, direction, stepping, *operands,
+          stochastic=options.stochastic, split_complex=options.split_complex,
+          decay=first.decay,
+      )
+      return stepped
+
+    operands = [(*leaves[i][:5], stream_keys(i) if narrowing else None) for i in indices]
+    if len(indices) == 1:
+      return [step(*operands[0])]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *operands)
+    together = jax.vmap(step)(*stacked)
+    # Each leaf cut out at a position known at run time: the cuts are one
+    # compiled kernel, not one per leaf.
+    positions = _rounding.run_time_scalars(
+        lax.optimization_barrier(jnp.arange(len(indices), dtype=jnp.int32)))
+    return [jax.tree.map(lambda x, j=j: lax.dynamic_index_in_dim(x, j, keepdims=False),
+                         together) for j in positions]
+
+  grouped = {i: result for indices in _small_8bit_groups(leaves)
+             for i, result in zip(indices, xla_leaves(indices), strict=True)}
+
   def xla_leaf(i: int) -> tuple[jax.Array, ...]:
     """(new params or updates, m, v, v_max) of leaf ``i``, by XLA."""
-    g, p, m, v, v_max, decay = leaves[i]
-    moment_coefficients, direction = parts(g.dtype)
-    narrowing = options.stochastic and any(
-        _blockwise.is_narrowing(_math.compute_dtypes(g.dtype)[1], x) for x in (m, v))
-    stepped: tuple[jax.Array, ...] = _math.leaf_step(
-        moment_coefficients, direction, stepping, g, p, m, v, v_max,
-        stream_keys(i) if narrowing else None,
-        stochastic=options.stochastic, split_complex=options.split_complex, decay=decay,
-    )
-    return stepped
+    return grouped[i] if i in grouped else xla_leaves([i])[0]
 
   if options.implementation == "cpu":
     results = cpu.step_leaves(
@@ -368,6 +392,32 @@ def _step(
       treedef.unflatten([r[k] for r in results]) for k in range(4)
   )
   return new_updates, ScaleByAmsgradState(count=count, mu=new_mu, nu=new_nu, nu_max=new_nu_max)
+
+
+GROUPED_LEAF_SIZE = 1 << 16
+"""8-bit leaves of at most this many elements, alike in shape, dtypes and
+options, are stepped as one stack on one device."""
+
+
+def _small_8bit_groups(leaves: list[cpu.Leaf]) -> list[list[int]]:
+  """The indices of small 8-bit leaves that can be stepped as one stack.
+
+  The 8-bit step is hundreds of operations per leaf, and XLA's passes take
+  time in the number of operations: a model with many small 8-bit leaves
+  compiles once per group instead of once per leaf. Stacking copies the
+  leaves (their size is bounded), and on several devices it could gather
+  leaves sharded differently, so it is done on one device only."""
+  if jax.device_count() != 1 or jax.sharding.get_abstract_mesh().manual_axes:
+    return []
+  groups: dict[tuple[Any, ...], list[int]] = {}
+  for i, leaf in enumerate(leaves):
+    stored = (leaf.m, leaf.v, leaf.v_max)
+    if not any(map(_blockwise.is_quantized, stored)) or leaf.g.size > GROUPED_LEAF_SIZE:
+      continue
+    alike = (leaf.g.shape, leaf.g.dtype, None if leaf.p is None else leaf.p.dtype, leaf.decay,
+             *(jax.tree.map(lambda x: (x.shape, x.dtype), x) for x in stored))
+    groups.setdefault(alike, []).append(i)
+  return [indices for indices in groups.values() if len(indices) > 1]
 
 
 def _apply_flat(

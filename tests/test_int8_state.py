@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import optax_amsgrad
-from optax_amsgrad import _blockwise
+from optax_amsgrad import _blockwise, _transform
 from optax_amsgrad.cpu import _rules
 
 INT8 = {"mu_dtype": "int8", "nu_dtype": "int8"}
@@ -411,6 +411,51 @@ def test_jit_compiles_once_and_apply_step_matches_two_calls():
   # One rounding per operation apart (XLA may fuse a multiply and an add).
   for name in params:
     np.testing.assert_allclose(np.asarray(p1[name]), np.asarray(p2[name]), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("call", ["update", "apply_step"])
+def test_small_alike_leaves_stepped_as_one_stack_get_their_own_bits(monkeypatch, call):
+  """Small 8-bit leaves of one shape are stepped as one stack (one compile
+  for all of them); each gets the bits it gets stepped alone: its own random
+  bits, its own NaN, its own scales."""
+  rng = np.random.default_rng(3)
+  params = {f"w{i}": jnp.asarray(rng.normal(size=(16, 512)), jnp.float32) for i in range(3)}
+  params["b"] = jnp.asarray(rng.normal(size=(16, 300)), jnp.float32)
+  grads = []
+  for t in range(6):
+    g = {k: jnp.asarray(rng.normal(size=x.shape) * 10.0 ** rng.uniform(-3, 3, size=x.shape),
+                        jnp.float32) for k, x in params.items()}
+    if t == 2:
+      g["w1"] = g["w1"].at[3, 7].set(jnp.nan)
+    grads.append(g)
+  solver = optax_amsgrad.amsgradw(1e-2, weight_decay=1e-2, **INT8, implementation="xla")
+  groups = []
+  recorded = _transform._small_8bit_groups
+  monkeypatch.setattr(_transform, "_small_8bit_groups",
+                      lambda leaves: groups.append(recorded(leaves)) or groups[-1])
+
+  def run():
+    params_t, state = params, solver.init(params)
+    out = []
+    for g in grads:
+      if call == "update":
+        u, state = jax.jit(solver.update)(g, state, params_t)
+        out.append(u)
+      else:
+        params_t, state = jax.jit(
+            lambda g, s, p: optax_amsgrad.apply_step(solver, g, s, p))(g, state, params_t)
+        out.append(params_t)
+    return jax.tree.leaves((out, state))
+
+  stacked = run()
+  assert [len(group) for group in groups[-1]] == [3]
+  monkeypatch.setattr(_transform, "GROUPED_LEAF_SIZE", 0)
+  jax.clear_caches()
+  alone = run()
+  assert groups[-1] == []
+  assert len(stacked) == len(alone)
+  for x, y in zip(stacked, alone, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_cpu_kernel_is_never_handed_8_bit_leaves():

@@ -367,10 +367,11 @@ def _step(
       return [step(*operands[0])]
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *operands)
     together = jax.vmap(step)(*stacked)
-    # Each leaf cut out at a position known at run time: the cuts are one
+    # Each leaf cut out at a position known at run time only (the barrier
+    # keeps XLA from folding the positions into constants): the cuts are one
     # compiled kernel, not one per leaf.
-    positions = _rounding.run_time_scalars(
-        lax.optimization_barrier(jnp.arange(len(indices), dtype=jnp.int32)))
+    positions = _rounding.run_time_scalars(lax.optimization_barrier(  # type: ignore[no-untyped-call]
+        jnp.arange(len(indices), dtype=jnp.int32)))
     return [jax.tree.map(lambda x, j=j: lax.dynamic_index_in_dim(x, j, keepdims=False),
                          together) for j in positions]
 

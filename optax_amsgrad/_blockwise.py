@@ -6,9 +6,9 @@ the params, and one int8 power-of-two scale exponent ``s`` per block of
 row, so the exponents are shaped like the leaf with the last axis divided by
 the block, rounded up, and shard with it: no collective in the step).
 
-The codes are small floats relative to the block's scale ``2**s``, decoded with
-integer arithmetic on the bits and one multiplication by an exact power of two
-(no ``exp2``, no 256-entry gather): a magnitude code ``c`` with ``E`` exponent
+The codes are small floats relative to the block's scale ``2**s``, decoded and
+rounded with integer arithmetic on the bits of float32 values (no ``exp2``, no
+256-entry gather, see :func:`_values`): a magnitude code ``c`` with ``E`` exponent
 and ``M`` mantissa bits has field ``e = c >> M`` and ``f = c & (2**M - 1)``, and
 stands for ``(f + 2**M [e > 0]) * 2**(max(e, 1) - (2**E - 1) + s - M)``. The
 top binade ``e = 2**E - 1`` covers ``[2**s, 2**(s + 1))``; ``e = 0`` continues

@@ -401,11 +401,10 @@ def computed_together(*arrays: jax.Array) -> tuple[jax.Array, ...]:
 
   def together(*arrays: jax.Array) -> tuple[jax.Array, ...]:
     shape = arrays[0].shape
-    paired = [
-        lax.concatenate([x[..., None], jnp.full((*shape, 1), _lowest(x.dtype), x.dtype)],
-                        len(shape))
-        for x in arrays
-    ]
+    # The identity placed (sharded) like the array it pairs with.
+    paired = [lax.concatenate([x[..., None], lax.full_like(x[..., None], _lowest(x.dtype))],
+                              len(shape))
+              for x in arrays]
     return tuple(lax.reduce(
         paired, [_lowest(x.dtype) for x in arrays],
         lambda a, b: [lax.max(x, y) for x, y in zip(a, b, strict=True)], (len(shape),)))

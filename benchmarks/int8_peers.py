@@ -286,17 +286,7 @@ def quality(seeds: list[int], steps_scale: float) -> dict[str, Any]:
       print(f"  {name:12s} seed {seed}: float32 {run['float32']:.5g}  " + "  ".join(
           f"{v} x{run[v] / run['float32']:.5f}" for v in VARIANTS if v != "float32"),
           flush=True)
-    summary = {}
-    for variant in VARIANTS:
-      if variant == "float32":
-        continue
-      changes = np.array([run[variant] / run["float32"] - 1 for run in runs])
-      summary[variant] = {
-          "mean_relative_change": float(changes.mean()),
-          "standard_error": float(changes.std(ddof=1) / np.sqrt(len(changes)))
-          if len(changes) > 1 else None,
-          "max_abs_relative_change": float(np.abs(changes).max()),
-      }
+    summary = state_precision.change_summary(runs, [v for v in VARIANTS if v != "float32"])
     results[name].update({
         "description": make_problem.__doc__.split("\n\n")[0].replace("\n", " "),
         "learning_rate": problem.learning_rate,

@@ -423,6 +423,21 @@ INT8_VARIANTS: dict[str, tuple[Callable[[float, int], optax.GradientTransformati
 }
 
 
+def change_summary(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
+  """Per variant, the relative change of each run's final loss against its
+  ``"float32"`` run: their mean, its standard error and the largest."""
+  summary = {}
+  for variant in variants:
+    changes = np.array([run[variant] / run["float32"] - 1 for run in runs])
+    summary[variant] = {
+        "mean_relative_change": float(changes.mean()),
+        "standard_error": float(changes.std(ddof=1) / np.sqrt(len(changes)))
+        if len(changes) > 1 else None,
+        "max_abs_relative_change": float(np.abs(changes).max()),
+    }
+  return summary
+
+
 def int8_quality(seeds: list[int], steps_scale: float,
                  problems: list[str]) -> dict[str, Any]:
   """Final loss of each 8-bit variant against float32 state, per problem:
@@ -448,17 +463,7 @@ def int8_quality(seeds: list[int], steps_scale: float,
       print(f"  {name:24s} seed {seed}: float32 {run['float32']:.5g}  " + "  ".join(
           f"{v} x{run[v] / run['float32']:.4f}" for v in INT8_VARIANTS if v != "float32"),
           flush=True)
-    summary = {}
-    for variant in INT8_VARIANTS:
-      if variant == "float32":
-        continue
-      changes = np.array([run[variant] / run["float32"] - 1 for run in runs])
-      summary[variant] = {
-          "mean_relative_change": float(changes.mean()),
-          "standard_error": float(changes.std(ddof=1) / np.sqrt(len(changes)))
-          if len(changes) > 1 else None,
-          "max_abs_relative_change": float(np.abs(changes).max()),
-      }
+    summary = change_summary(runs, [v for v in INT8_VARIANTS if v != "float32"])
     problem = make_problem(seeds[0])
     results[name] = {
         "description": make_problem.__doc__.split("\n\n")[0].replace("\n", " "),

@@ -16,12 +16,7 @@ import concurrent.futures
 import json
 import os
 import random
-import re
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from scale_out.launch import kill, run_script, run_together, script_env
+from scale_out.launch import printed, run_or_kill, run_script, run_together
 
 import optax_amsgrad
 from optax_amsgrad import checkpoint
@@ -476,35 +471,8 @@ WORKER_TIMEOUT_S = 120
 def run_worker(args, log: Path, *, kill_after: str | None = None, delay: float = 0.0) -> bool:
   """Runs the kill worker to its end, or SIGKILLs it ``delay`` seconds after
   it prints the line ``kill_after``. Returns whether it was killed running."""
-  with open(log, "wb") as output:
-    process = subprocess.Popen(
-        [sys.executable, str(KILL_WORKER), *args],
-        env=script_env(host_devices=1),
-        stdout=output,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-  try:
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    while process.poll() is None and time.monotonic() < deadline:
-      if kill_after is not None and f"\n{kill_after}\n" in "\n" + log.read_text():
-        time.sleep(delay)
-        if process.poll() is not None:
-          break
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        return True
-      time.sleep(0.002)
-    if process.poll() is None:
-      raise AssertionError(f"still running after {WORKER_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-    assert process.returncode == 0, log.read_text()[-3000:]
-    return False
-  finally:
-    kill(process)
-
-
-def printed_steps(log: Path, word: str) -> list[int]:
-  return [int(n) for n in re.findall(rf"^{word} (\d+)$", log.read_text(), re.M)]
+  return run_or_kill(KILL_WORKER, args, log, timeout=WORKER_TIMEOUT_S,
+                     kill_after=kill_after, delay=delay)
 
 
 def kill_and_resume(seed: int, directory: Path) -> dict[str, Any]:
@@ -524,17 +492,17 @@ def kill_and_resume(seed: int, directory: Path) -> dict[str, Any]:
       killed = run_worker(args, log, kill_after=f"step {at}", delay=rng.uniform(0.0, 0.05))
     else:
       killed = run_worker(args, log)
-    start = printed_steps(log, "start")[0]
+    start = printed(log, "start")[0]
     if run:
       record["resumed_from"].append(start)
       record["lost"] += start < must_have
     if not killed:
       break
-    printed = max(printed_steps(log, "step"), default=start)
-    record["killed_after"].append(printed)
+    last_step = max(printed(log, "step"), default=start)
+    record["killed_after"].append(last_step)
     # A synchronous save is complete when save() returns, before its step is
     # printed; an asynchronous one when the next save() returns.
-    complete = printed // KILL_INTERVAL * KILL_INTERVAL
+    complete = last_step // KILL_INTERVAL * KILL_INTERVAL
     if mode == "async":
       complete -= KILL_INTERVAL
     must_have = max(start, complete)
@@ -597,7 +565,7 @@ def kill_while_replacing(seed: int, directory: Path) -> dict[str, Any]:
   )
   assert killed, log.read_text()[-3000:]
   left = siblings(path) + ([path.name] if path.exists() else [])
-  return {"last_saved": max(printed_steps(log, "saved")), "left": left, "path": path}
+  return {"last_saved": max(printed(log, "saved")), "left": left, "path": path}
 
 
 def test_killed_force_save_never_loses_the_checkpoint(tmp_path):

@@ -20,10 +20,7 @@ import concurrent.futures
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scale_out.launch import printed, run_or_kill
 
 import optax_amsgrad
 from optax_amsgrad import _blockwise, checkpoint
@@ -188,33 +186,8 @@ def run_worker(args: list[str], log: Path, *, kill_after: str | None = None,
                delay: float = 0.0) -> bool:
   """Runs the training loop to its end, or SIGKILLs it ``delay`` seconds after
   it prints ``kill_after``. Returns whether it was killed running."""
-  from scale_out.launch import kill, script_env
-
-  with open(log, "wb") as output:
-    process = subprocess.Popen([sys.executable, str(THIS), *args],
-                               env=script_env(host_devices=1), stdout=output,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-  try:
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    while process.poll() is None and time.monotonic() < deadline:
-      if kill_after is not None and f"\n{kill_after}\n" in "\n" + log.read_text():
-        time.sleep(delay)
-        if process.poll() is not None:
-          break
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        return True
-      time.sleep(0.002)
-    if process.poll() is None:
-      raise AssertionError(f"still running after {WORKER_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-    assert process.returncode == 0, log.read_text()[-3000:]
-    return False
-  finally:
-    kill(process)
-
-
-def printed(log: Path, word: str) -> list[int]:
-  return [int(n) for n in re.findall(rf"^{word} (\d+)$", log.read_text(), re.M)]
+  return run_or_kill(THIS, args, log, timeout=WORKER_TIMEOUT_S, kill_after=kill_after,
+                     delay=delay)
 
 
 def kill_and_resume(seed: int, directory: Path) -> dict[str, Any]:

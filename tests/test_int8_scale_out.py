@@ -20,7 +20,7 @@ from jax import export
 import optax_amsgrad
 from optax_amsgrad import _blockwise
 
-from training_loops import OPTIMIZERS, compiles_over_a_loop, init
+from training_loops import OPTIMIZERS, apply_step, compiles_over_a_loop, init, train_step
 
 pytestmark = pytest.mark.both_modes
 
@@ -85,17 +85,6 @@ def test_int8_init_places_the_state_where_the_step_returns_it(placement):
 # ----------------------------------------------------------------------------
 # jax.export
 # ----------------------------------------------------------------------------
-
-
-def train_step(solver):
-  def step(params, state, grads):
-    updates, state = solver.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-  return step
-
-
-def apply_step(solver):
-  return lambda params, state, grads: optax_amsgrad.apply_step(solver, grads, state, params)
 
 
 def exported(make_step, solver, platforms):

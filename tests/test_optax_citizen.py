@@ -22,7 +22,14 @@ from scale_out.launch import run_script
 
 import optax_amsgrad
 
-from training_loops import JITTED_INIT, OPTIMIZERS, compiles_over_a_loop, init
+from training_loops import (
+  JITTED_INIT,
+  OPTIMIZERS,
+  apply_step,
+  compiles_over_a_loop,
+  init,
+  train_step,
+)
 
 SWITCH = "OPTAX_AMSGRAD_CPU_KERNEL"
 
@@ -168,17 +175,6 @@ def test_optax_own_test_suites_pass_against_amsgrad(tmp_path):
 # ----------------------------------------------------------------------------
 # The CPU kernel's switch, and exporting.
 # ----------------------------------------------------------------------------
-
-
-def train_step(solver):
-  def step(params, state, grads):
-    updates, state = solver.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-  return step
-
-
-def apply_step(solver):
-  return lambda params, state, grads: optax_amsgrad.apply_step(solver, grads, state, params)
 
 
 def kernel_calls(step, *args):

@@ -76,3 +76,17 @@ def compiles_over_a_loop(
   jax.block_until_ready((params, state))
   size: int = jitted._cache_size()  # type: ignore[attr-defined]
   return size
+
+
+def train_step(solver: optax.GradientTransformation) -> Callable[..., Any]:
+  """``(params, state, grads) -> (params, state)`` by ``update`` and
+  ``optax.apply_updates``."""
+  def step(params: Any, state: Any, grads: Any) -> Any:
+    updates, state = solver.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def apply_step(solver: optax.GradientTransformation) -> Callable[..., Any]:
+  """The same step by ``optax_amsgrad.apply_step``."""
+  return lambda params, state, grads: optax_amsgrad.apply_step(solver, grads, state, params)

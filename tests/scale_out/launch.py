@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,42 @@ def run_script(
 ) -> str:
   """Runs one script to completion and returns its output."""
   return run_together([(script, args)], timeout=timeout, host_devices=host_devices)[0]
+
+
+def run_or_kill(
+    script: Path, args: Sequence[str], log: Path, *, timeout: float,
+    kill_after: str | None = None, delay: float = 0.0,
+) -> bool:
+  """Runs ``script`` on one device, its output in ``log``, to its end, or
+  SIGKILLs it ``delay`` seconds after it prints the line ``kill_after``.
+  Returns whether it was killed running."""
+  with open(log, "wb") as output:
+    process = subprocess.Popen(
+        [sys.executable, str(script), *args], env=script_env(host_devices=1),
+        stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+  try:
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+      if kill_after is not None and f"\n{kill_after}\n" in "\n" + log.read_text():
+        time.sleep(delay)
+        if process.poll() is not None:
+          break
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return True
+      time.sleep(0.002)
+    if process.poll() is None:
+      raise AssertionError(f"still running after {timeout} s:\n{log.read_text()[-3000:]}")
+    assert process.returncode == 0, log.read_text()[-3000:]
+    return False
+  finally:
+    kill(process)
+
+
+def printed(log: Path, word: str) -> list[int]:
+  """The numbers of the lines ``<word> <n>`` in ``log``."""
+  return [int(n) for n in re.findall(rf"^{word} (\d+)$", log.read_text(), re.M)]
 
 
 def load_example(name: str) -> ModuleType:

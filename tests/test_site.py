@@ -131,9 +131,10 @@ class Browser:
     self.page = context.new_page()
     self.page.on("console", self._console)
     self.page.on("pageerror", lambda error: self.visit.page_errors.append(str(error)))
-    self.page.on("requestfailed",
-                 lambda r: self.visit.failed.append(f"{r.url} ({r.failure})"))
+    self.in_flight: set[str] = set()
     self.page.on("request", self._request)
+    self.page.on("requestfinished", lambda r: self.in_flight.discard(r.url))
+    self.page.on("requestfailed", self._failed)
     self.page.on("response", self._response)
 
   def _console(self, message: Any) -> None:
@@ -141,8 +142,13 @@ class Browser:
       self.visit.console_errors.append(message.text)
 
   def _request(self, request: Any) -> None:
+    self.in_flight.add(request.url)
     if not request.url.startswith((self.origin, "data:", "blob:", "about:")):
       self.visit.outside.append(request.url)
+
+  def _failed(self, request: Any) -> None:
+    self.in_flight.discard(request.url)
+    self.visit.failed.append(f"{request.url} ({request.failure})")
 
   def _response(self, response: Any) -> None:
     if response.status >= 400:
@@ -158,6 +164,15 @@ class Browser:
       }
       await document.fonts.ready;
     }""")
+    # The browser asks for the favicon after the load event; leaving the page
+    # before it arrives would abort it and blame the next page. So wait until
+    # the network is quiet and every request this page made has ended.
+    self.page.wait_for_load_state("networkidle")
+    deadline = time.monotonic() + 10
+    while self.in_flight and time.monotonic() < deadline:
+      self.page.wait_for_timeout(50)
+    visit.failed += [f"{url} (never finished)" for url in sorted(self.in_flight)]
+    self.in_flight.clear()
     visit.ids = set(self.page.evaluate(
         "() => [...document.querySelectorAll('[id]')].map(e => e.id)"
         ".concat([...document.querySelectorAll('a[name]')].map(e => e.name))"))

@@ -14,8 +14,7 @@ Two measurements, side by side with ``optax.amsgrad``:
   (``.apply_step``), for ``optax.amsgrad``, ``optax_amsgrad.amsgrad`` with
   float32 state (``ours``), with bfloat16 state (``ours_bf16``:
   ``mu_dtype`` and ``nu_dtype`` bfloat16, stochastic rounding) and with 8-bit
-  state (``ours_int8``, ``mu_dtype`` and ``nu_dtype`` ``"int8"``, only on the
-  XLA path, which its 8-bit leaves always take), each of ours
+  state (``ours_int8``, ``mu_dtype`` and ``nu_dtype`` ``"int8"``), each of ours
   on the XLA path (``/xla``: ``OPTAX_AMSGRAD_CPU_KERNEL=0``, what GPUs and TPUs
   compile) and with the CPU kernel (``/kernel``, the default). Every run is a
   fresh process with the environment set: it times the first call of the
@@ -96,8 +95,7 @@ SOLVERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "ours_bf16": lambda: optax_amsgrad.amsgrad(
         LEARNING_RATE, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16
     ),
-    # 8-bit blocks for leaves of at least _blockwise.MIN_SIZE elements; those
-    # always take the XLA path.
+    # 8-bit blocks for leaves of at least _blockwise.MIN_SIZE elements.
     "ours_int8": lambda: optax_amsgrad.amsgrad(
         LEARNING_RATE, mu_dtype="int8", nu_dtype="int8"
     ),
@@ -112,9 +110,7 @@ def first_call_variants() -> dict[str, dict[str, Any]]:
     suffix = "" if call == "update" else ".apply_step"
     variants[REFERENCE + suffix] = {"solver": REFERENCE, "call": call, "kernel": None}
     for solver in ("ours", "ours_bf16", "ours_int8"):
-      # The 8-bit leaves take the XLA path whatever the kernel switch.
-      paths = (("off", "xla"),) if solver == "ours_int8" else (("off", "xla"), ("on", "kernel"))
-      for kernel, path in paths:
+      for kernel, path in (("off", "xla"), ("on", "kernel")):
         variants[f"{solver}{suffix}/{path}"] = {
             "solver": solver, "call": call, "kernel": kernel
         }

@@ -350,7 +350,9 @@ VARIANTS: dict[str, Callable[[float, int], optax.GradientTransformation]] = {
 }
 
 
-INT8 = {"mu_dtype": "int8", "nu_dtype": "int8"}
+# The XLA path (what GPUs and TPUs run): the controls below patch
+# ``_blockwise``, whose arithmetic the CPU kernel carries in C++.
+INT8 = {"mu_dtype": "int8", "nu_dtype": "int8", "implementation": "xla"}
 
 
 class _EveryLeaf:

@@ -129,7 +129,9 @@ def apply_step(
   each float32 or float64 leaf is updated in one pass over memory: the
   moments, the update and the params together (36 bytes per float32 param,
   the least an AMSGrad step can move, against 44 through ``update`` and
-  ``apply_updates``). Everywhere else (``implementation="xla"``, GPUs and
+  ``apply_updates``), and so is each leaf with 8-bit state (``mu_dtype`` and
+  ``nu_dtype`` ``"int8"``) on a single device: its codes, the update and the
+  params, block by block. Everywhere else (``implementation="xla"``, GPUs and
   TPUs, other solvers) it is exactly the two calls above, and returns their
   bits.
 

@@ -375,7 +375,9 @@ def _step(
     return [jax.tree.map(lambda x, j=j: lax.dynamic_index_in_dim(x, j, keepdims=False),
                          together) for j in positions]
 
-  grouped = {i: result for indices in _small_8bit_groups(leaves)
+  on_kernel = options.implementation == "cpu"
+  grouped = {i: result for indices in _small_8bit_groups(
+                 [None if on_kernel and cpu.covers(leaf) else leaf for leaf in leaves])
              for i, result in zip(indices, xla_leaves(indices), strict=True)}
 
   def xla_leaf(i: int) -> tuple[jax.Array, ...]:
@@ -400,8 +402,9 @@ GROUPED_LEAF_SIZE = 1 << 16
 options, are stepped as one stack on one device."""
 
 
-def _small_8bit_groups(leaves: list[cpu.Leaf]) -> list[list[int]]:
-  """The indices of small 8-bit leaves that can be stepped as one stack.
+def _small_8bit_groups(leaves: list[cpu.Leaf | None]) -> list[list[int]]:
+  """The indices of small 8-bit leaves that can be stepped as one stack
+  (None: a leaf stepped elsewhere, by the CPU kernel).
 
   The 8-bit step is hundreds of operations per leaf, and XLA's passes take
   time in the number of operations: a model with many small 8-bit leaves
@@ -412,6 +415,8 @@ def _small_8bit_groups(leaves: list[cpu.Leaf]) -> list[list[int]]:
     return []
   groups: dict[tuple[Any, ...], list[int]] = {}
   for i, leaf in enumerate(leaves):
+    if leaf is None:
+      continue
     stored = (leaf.m, leaf.v, leaf.v_max)
     if not any(map(_blockwise.is_quantized, stored)) or leaf.g.size > GROUPED_LEAF_SIZE:
       continue

@@ -198,9 +198,13 @@ def test_nu_max_stays_a_running_maximum_of_the_stored_nu_in_bfloat16():
     previous = nu_max
 
 
-@pytest.mark.parametrize(
-    "options", [{}, {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}]
-)
+# 8-bit state: the blockwise handler (leaves of at least 4096 elements).
+INT8 = {"mu_dtype": "int8", "nu_dtype": "int8"}
+BLOCKWISE_TARGET = "optax_amsgrad_blockwise_moments"
+STATE_OPTIONS = [{}, {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}, INT8]
+
+
+@pytest.mark.parametrize("options", STATE_OPTIONS)
 def test_vmapped_members_equal_separate_runs(options):
   # Under vmap the handler takes the batch as rows, each with its own
   # hyperparameters and rounding stream: bit-identical to separate runs.
@@ -212,7 +216,7 @@ def test_vmapped_members_equal_separate_runs(options):
   lrs = jnp.array([1e-2, 3e-3, 1e-3], jnp.float32)
   b2s = jnp.array([0.99, 0.999, 0.95], jnp.float32)
   seeds = jnp.array([0, 1, 2], jnp.uint32)
-  params = {"w": jnp.linspace(-1, 1, 640, dtype=jnp.float32).reshape(20, 32),
+  params = {"w": jnp.linspace(-1, 1, 6400, dtype=jnp.float32).reshape(20, 320),
             "b": jnp.zeros((32,), jnp.float32)}
   grads = [jax.tree.map(lambda x, t=t: jnp.sin(3 * x + t) + 0.1 * t, params)
            for t in range(20)]
@@ -233,9 +237,7 @@ def test_vmapped_members_equal_separate_runs(options):
   assert not np.array_equal(batched[0]["w"][0], batched[0]["w"][1])
 
 
-@pytest.mark.parametrize(
-    "options", [{}, {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}]
-)
+@pytest.mark.parametrize("options", STATE_OPTIONS)
 def test_donated_state_is_updated_in_place(options):
   solver = optax_amsgrad.amsgrad(1e-3, **options)
   params = {"w": jnp.ones((1000, 1000), jnp.float32)}
@@ -246,7 +248,7 @@ def test_donated_state_is_updated_in_place(options):
     return optax.apply_updates(params, updates), state
 
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
-  assert TARGET in compiled.as_text()
+  assert (BLOCKWISE_TARGET if options == INT8 else TARGET) in compiled.as_text()
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   assert compiled.memory_analysis().temp_size_in_bytes < 0.01 * state_bytes
 
@@ -263,9 +265,7 @@ def _run_steps(step, params, state, grads, pauses):
   return params, state
 
 
-@pytest.mark.parametrize(
-    "options", [{}, {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}]
-)
+@pytest.mark.parametrize("options", STATE_OPTIONS)
 def test_results_do_not_depend_on_timing_or_concurrent_calls(options):
   # Large leaves are cut into blocks claimed by the caller and XLA's pool,
   # whose threads may start late or be busy with another call, and the
@@ -315,6 +315,85 @@ def test_results_do_not_depend_on_timing_or_concurrent_calls(options):
     # A rounding of p and of the update (lr 1e-2) per step apart, at most.
     for name in params:
       np.testing.assert_allclose(back_to_back[0][name], expected[name], rtol=1e-6, atol=1e-8)
+
+
+def _int8_gradients(rng: np.random.Generator, shape, step: int) -> np.ndarray:
+  """Six decades inside every block and rows a thousandfold apart, with
+  zeros, float32 subnormals and values past the saturation limit; infinities
+  and NaN in one step, a spike of 1e4 on every seventh element in another."""
+  g = rng.normal(size=shape) * 10.0 ** rng.uniform(-3, 3, size=shape)
+  g *= 10.0 ** rng.integers(-3, 3, size=(*shape[:-1], 1))
+  flat = g.reshape(-1)
+  flat[::97] = 0.0
+  flat[5::301] = 1e-40
+  flat[7::499] = 3e30
+  if step == 3:
+    flat[11::1031] = np.inf
+    flat[13::2039] = np.nan
+  if step == 5:
+    flat[::7] *= 1e4
+  return g.astype(np.float32)
+
+
+def _codes_agree(a, b) -> tuple[np.ndarray, np.ndarray]:
+  """(blocks whose scales are the same, elements whose codes are the same)
+  of two 8-bit buffers."""
+  return (np.asarray(a.exponents) == np.asarray(b.exponents),
+          np.asarray(a.codes) == np.asarray(b.codes))
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("shape", [(5000,), (40, 300), (3, 7, 256)])
+def test_int8_handler_matches_the_xla_path_step_by_step(convention, rounding, shape):
+  # From the same state, one step by each path, through update and through
+  # apply_step (against update and apply_updates compiled apart, as the
+  # handler rounds). The codes and scales are computed by the same integer
+  # operations from moments that differ at most where XLA fuses a multiply
+  # and an add: a code differs only where that moves a value across a
+  # rounding threshold, so almost never, and then by one code.
+  kw = {**INT8, "state_rounding": rounding, "convention": convention}
+  solvers = {impl: optax_amsgrad.amsgradw(1e-3, weight_decay=1e-2, **kw, implementation=impl)
+             for impl in ("cpu", "xla")}
+  rng = np.random.default_rng(0)
+  params = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel_update = jax.jit(solvers["cpu"].update)
+  kernel_apply = jax.jit(lambda g, s, p: optax_amsgrad.apply_step(solvers["cpu"], g, s, p))
+  xla_update = jax.jit(solvers["xla"].update)
+  xla_apply = jax.jit(optax.apply_updates)
+  for compiled in (kernel_update, kernel_apply):
+    text = compiled.lower(params, solvers["cpu"].init(params), params).as_text()
+    assert text.count("optax_amsgrad_blockwise") == 1
+  state = solvers["xla"].init(params)
+  differing = compared = 0
+  for step in range(7):
+    g = jnp.asarray(_int8_gradients(rng, shape, step))
+    u_xla, s_xla = xla_update(g, state, params)
+    p_xla = xla_apply(params, u_xla)
+    u_kernel, s_kernel = kernel_update(g, state, params)
+    p_kernel, s_applied = kernel_apply(g, state, params)
+    chex.assert_trees_all_equal(s_kernel, s_applied)
+    same = np.ones(shape, bool)
+    for name in ("mu", "nu", "nu_max"):
+      a, b = getattr(s_kernel[0], name), getattr(s_xla[0], name)
+      blocks, codes = _codes_agree(a, b)
+      assert blocks.mean() > 0.99, (step, name)
+      in_same_blocks = np.repeat(blocks, 256, axis=-1)[..., :shape[-1]]
+      # Codes read as integers are in the order of their values.
+      neighbours = np.abs(np.asarray(a.codes, np.int32) - np.asarray(b.codes, np.int32)) <= 1
+      assert neighbours[in_same_blocks].all(), (step, name)
+      differing += int((~codes).sum())
+      compared += codes.size
+      same &= codes & in_same_blocks
+    # Where the stored moments are the same, so are the updates (both from
+    # the codes by XLA), and the params to a rounding of the step.
+    assert _identical(u_kernel, u_xla)[same].all(), step
+    p_agree = _agree(p_kernel, p_xla, np.abs(_as64(params)) + 1e-3 * np.abs(_as64(u_xla)),
+                     jnp.float32, jnp.float32)
+    assert p_agree[same].all(), step
+    assert not _identical(p_kernel, params).all()
+    state, params = s_xla, p_xla
+  assert differing <= 1e-4 * compared, (differing, compared)
 
 
 def test_without_the_compiled_handler_everything_takes_the_xla_path():

@@ -233,12 +233,18 @@ def _nearest_under_fresh_scales(nu_max_before: np.ndarray, v: np.ndarray) -> np.
   return np.asarray(_blockwise.decode(q, _blockwise.NU_CODE))
 
 
+# The XLA path (what GPUs and TPUs run) and the CPU kernel (the default on CPU).
+IMPLEMENTATIONS = ["xla", "cpu"]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("convention", ["pytorch", "optax"])
-def test_nu_max_never_decreases_nor_vanishes_over_a_hostile_stream(convention):
+def test_nu_max_never_decreases_nor_vanishes_over_a_hostile_stream(convention, implementation):
   shape = (4, 1024)
   grads = _hostile_stream(300, shape)
   params = {"w": jnp.zeros(shape, jnp.float32)}
-  int8 = _run(optax_amsgrad.scale_by_amsgrad(convention=convention, **INT8), grads, params)
+  int8 = _run(optax_amsgrad.scale_by_amsgrad(convention=convention, **INT8,
+                                             implementation=implementation), grads, params)
   f32 = _run(optax_amsgrad.scale_by_amsgrad(convention=convention), grads, params)
   previous = np.zeros(shape, np.float32)
   control = np.zeros(shape, np.float32)
@@ -269,14 +275,14 @@ def test_nu_max_never_decreases_nor_vanishes_over_a_hostile_stream(convention):
   assert np.percentile(scale, 90) < 1.5
 
 
-def _nan_runs(value):
+def _nan_runs(value, implementation):
   shape = (8, 512)
   rng = np.random.default_rng(3)
   grads = rng.normal(size=(12, *shape)).astype(np.float32)
   grads[:, 1, 3] *= 1e-2  # never the largest of its block
   poisoned = grads.copy()
   poisoned[5:, 1, 3] = value
-  solver = optax_amsgrad.amsgrad(1e-3, **INT8)
+  solver = optax_amsgrad.amsgrad(1e-3, **INT8, implementation=implementation)
   params = {"w": jnp.zeros(shape, jnp.float32)}
   assert _blockwise.is_quantized(solver.init(params)[0].mu["w"])
   step = jax.jit(lambda g, s, p: optax_amsgrad.apply_step(solver, g, s, p))
@@ -289,9 +295,10 @@ def _nan_runs(value):
   return out
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-def test_non_finite_element_leaves_its_block_alone(value):
-  (p_clean, clean), (p_bad, bad) = _nan_runs(value)
+def test_non_finite_element_leaves_its_block_alone(value, implementation):
+  (p_clean, clean), (p_bad, bad) = _nan_runs(value, implementation)
   other = np.ones((8, 512), bool)
   other[1, 3] = False
   for field in ("mu", "nu", "nu_max"):
@@ -458,11 +465,16 @@ def test_small_alike_leaves_stepped_as_one_stack_get_their_own_bits(monkeypatch,
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_cpu_kernel_is_never_handed_8_bit_leaves():
+def test_cpu_kernel_takes_8_bit_leaves_when_all_three_buffers_are():
   q = _blockwise.zeros(jnp.zeros((64, 256), jnp.uint8), "nu")
   g = jnp.zeros((64, 256), jnp.float32)
-  assert _rules.kernel_signature(g, q, q, q, g) is None
+  assert _rules.kernel_signature(g, q, q, q, g) is not None
+  assert _rules.kernel_signature(g, q, q, q) is not None
+  # Mixed storage, and params other than float32, are stepped by XLA.
   assert _rules.kernel_signature(g, g, q, q, g) is None
+  assert _rules.kernel_signature(g, q, g, g, g) is None
+  assert _rules.kernel_signature(g, q, q, q, g.astype(jnp.bfloat16)) is None
+  assert _rules.kernel_signature(g.astype(jnp.bfloat16), q, q, q) is None
 
 
 def test_inject_hyperparams():

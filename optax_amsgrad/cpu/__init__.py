@@ -28,8 +28,8 @@ from optax_amsgrad import _math
 from optax_amsgrad.cpu import _rules
 from optax_amsgrad.cpu._ffi import SWITCH, available
 
-__all__ = ["IMPLEMENTATIONS", "Implementation", "Leaf", "available", "choose", "step_flat",
-           "step_leaves"]
+__all__ = ["IMPLEMENTATIONS", "Implementation", "Leaf", "available", "choose", "covers",
+           "step_flat", "step_leaves"]
 
 # Leaves per handler call: XLA's compile time grows faster than linearly in
 # the operands of one call, and beyond a few dozen leaves one call per leaf
@@ -76,10 +76,16 @@ class Leaf(NamedTuple):
 
   g: jax.Array
   p: jax.Array | None
-  m: jax.Array
-  v: jax.Array
-  v_max: jax.Array
+  # Arrays, or 8-bit blocks (``_blockwise.Quantized``).
+  m: Any
+  v: Any
+  v_max: Any
   decay: bool
+
+
+def covers(leaf: Leaf) -> bool:
+  """Whether the handlers step this leaf (with ``implementation="cpu"``)."""
+  return _rules.kernel_signature(leaf.g, leaf.m, leaf.v, leaf.v_max, leaf.p) is not None
 
 
 def step_leaves(

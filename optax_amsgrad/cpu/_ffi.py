@@ -4,7 +4,8 @@ their FFI binding.
 XLA:CPU compiles the moment update into one kernel per output array, three
 full passes over memory. The handlers update ``m``, ``v`` and ``v_max`` in one
 pass, in place (``moments``), or also apply the step to the params in the
-same pass (``step``), with the arithmetic of the XLA path (``_math``). The
+same pass (``step``), with the arithmetic of the XLA path (``_math``);
+``blockwise`` does either for 8-bit blockwise state (``_blockwise``). The
 package's ``__init__`` decides where each leaf runs; ``_rules`` gives the calls
 their sharding, vmap and JVP rules; this module registers and calls them.
 """
@@ -24,6 +25,8 @@ _TARGETS = {
     "moments": "optax_amsgrad_moments",
     "step": "optax_amsgrad_step",
     "flat_step": "optax_amsgrad_flat_step",
+    "blockwise_moments": "optax_amsgrad_blockwise_moments",
+    "blockwise_step": "optax_amsgrad_blockwise_step",
 }
 
 # The coefficient vector, in the handlers' order: the names of
@@ -90,6 +93,12 @@ def supports(compute: jnp.dtype, g: jnp.dtype, m: jnp.dtype, v: jnp.dtype) -> bo
   with float32 arithmetic, or float64 throughout) and are built."""
   key = tuple(jnp.dtype(d) for d in (compute, g, m, v))
   return key in _SUPPORTED and available()
+
+
+def supports_blockwise(g: jnp.dtype, p: jnp.dtype | None) -> bool:
+  """Whether the handlers cover a leaf whose three buffers are all 8-bit
+  blockwise (float32 gradients and params) and are built."""
+  return jnp.dtype(g) == jnp.float32 and p in (None, jnp.float32) and available()
 
 
 def pack(values: dict[str, jax.Array], dtype: jnp.dtype) -> jax.Array:
@@ -230,3 +239,24 @@ def flat_step(
                stochastic=stochastic, decay=decay)
   m, v, v_max = flat[num_leaves:]
   return list(flat[:num_leaves]), (m, v, v_max)
+
+
+def blockwise(
+    coefficients: jax.Array,
+    keys: jax.Array,
+    leaves: Sequence[Sequence[jax.Array]],
+    *,
+    stochastic: bool,
+    decay: Sequence[bool] | None = None,
+) -> list[tuple[jax.Array, ...]]:
+  """:func:`moments` (``decay`` None) or :func:`step` for leaves whose ``m``,
+  ``v`` and ``v_max`` are all 8-bit blockwise (``_blockwise.Quantized``),
+  each given as its codes and exponents: ``leaves`` holds ``(g, [p,] m_codes,
+  m_exponents, v_codes, v_exponents, v_max_codes, v_max_exponents)``, and the
+  results per leaf are the same less ``g``. The blocks, their scales and the
+  codes are those of ``_blockwise``."""
+  if decay is None:
+    return _per_leaf(_TARGETS["blockwise_moments"], coefficients, keys, leaves, 6,
+                     stochastic=stochastic, decay=[False] * len(leaves))
+  return _per_leaf(_TARGETS["blockwise_step"], coefficients, keys, leaves, 7,
+                   stochastic=stochastic, decay=decay)

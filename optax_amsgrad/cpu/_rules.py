@@ -11,6 +11,12 @@ A handler is an opaque call to XLA, so it brings its own rules: under vmap it
 takes the batch as leading rows, on sharded arrays it runs on each shard where
 the arrays live (no gathering), like the elementwise XLA path, and its
 derivative is the XLA path's.
+
+8-bit leaves (``_blockwise``) go to the blockwise handlers when all three
+buffers are 8-bit and the computation has one device: their blocks run along
+the last axis, which a sharding may cut, so sharded 8-bit leaves stay with
+XLA's partitioner. The handlers store the XLA path's codes (the same integer
+operations on moments that agree to a rounding, tests/test_cpu_kernel.py).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_amsgrad import _rounding
+from optax_amsgrad import _blockwise, _rounding
 from optax_amsgrad._math import (
   Direction,
   MomentCoefficients,
@@ -44,16 +50,26 @@ def kernel_signature(
   """The dtypes that put a leaf in a handler call, or None where the CPU
   handlers do not cover it (complex, float16, mixed precision other than
   bfloat16 storage, params outside the compute dtype for the step, inside
-  ``shard_map``)."""
-  if not all(isinstance(x, jax.Array) for x in (m, v, v_max)):
-    # 8-bit blocks (codes and scales) are stepped by XLA.
-    return None
-  _, v_dtype = compute_dtypes(g.dtype)
-  if p is not None and not (p.dtype == g.dtype == v_dtype):
-    return None
+  ``shard_map``; 8-bit state unless all three buffers are 8-bit and float32
+  params live on the only device)."""
   if jax.sharding.get_abstract_mesh().manual_axes:
     # Inside shard_map each device already holds its own block: the XLA path
     # updates it there, where the handlers' partitioning rules do not apply.
+    return None
+  quantized = [_blockwise.is_quantized(x) for x in (m, v, v_max)]
+  if any(quantized):
+    # The blockwise handlers have no partitioning rule: a sharded leaf's
+    # blocks are cut by XLA's partitioner, on the XLA path.
+    if not all(quantized) or jax.device_count() != 1:
+      return None
+    if _blockwise.MAX_ROUNDING != "nearest":
+      # The handlers round nu_max to nearest only ("up" is for measurement).
+      return None
+    if not _ffi.supports_blockwise(g.dtype, None if p is None else p.dtype):
+      return None
+    return ("blockwise", p is not None)
+  _, v_dtype = compute_dtypes(g.dtype)
+  if p is not None and not (p.dtype == g.dtype == v_dtype):
     return None
   if v_max.dtype != v.dtype or not _ffi.supports(v_dtype, g.dtype, m.dtype, v.dtype):
     return None
@@ -72,7 +88,8 @@ def stored_together(
   """The stored ``(m, v, v_max)`` of leaves ``(g, m, v, v_max)`` that share a
   ``kernel_signature``: one handler call for all of them on XLA:CPU, the XLA
   path elsewhere."""
-  call = _KernelCall(stochastic, tuple(leaf_indices), False, (False,) * len(leaves))
+  call = _KernelCall(stochastic, tuple(leaf_indices), False, (False,) * len(leaves),
+                     _blockwise.is_quantized(leaves[0][1]))
   return _dispatch(call, c._asdict(), seed, step_count, leaves)
 
 
@@ -92,7 +109,8 @@ def stepped_together(
   """``(p, m, v, v_max)`` after the step for leaves ``(g, p, m, v, v_max)``
   that share a ``kernel_signature``: one pass over all of them on XLA:CPU,
   the XLA path elsewhere."""
-  call = _KernelCall(stochastic, tuple(leaf_indices), True, tuple(bool(x) for x in decay))
+  call = _KernelCall(stochastic, tuple(leaf_indices), True, tuple(bool(x) for x in decay),
+                     _blockwise.is_quantized(leaves[0][2]))
   values = {**c._asdict(), **d._asdict(), "step_size": step_size,
             "weight_decay": weight_decay}
   return _dispatch(call, values, seed, step_count, leaves)
@@ -105,14 +123,32 @@ class _KernelCall(NamedTuple):
   leaf_indices: tuple[int, ...]
   apply: bool
   decay: tuple[bool, ...]
+  # m, v and v_max are 8-bit blocks, each passed as its codes and exponents.
+  blockwise: bool = False
 
   @property
   def arrays_per_leaf(self) -> int:
-    return 5 if self.apply else 4
+    return (5 if self.apply else 4) + (3 if self.blockwise else 0)
 
   def subset(self, positions: Sequence[int]) -> _KernelCall:
-    return _KernelCall(self.stochastic, tuple(self.leaf_indices[i] for i in positions),
-                       self.apply, tuple(self.decay[i] for i in positions))
+    return self._replace(leaf_indices=tuple(self.leaf_indices[i] for i in positions),
+                         decay=tuple(self.decay[i] for i in positions))
+
+  def flatten(self, leaf: Sequence[Any]) -> tuple[jax.Array, ...]:
+    """One leaf's operands or results as the handler takes them: an 8-bit
+    buffer as its codes and exponents."""
+    if not self.blockwise:
+      return tuple(leaf)
+    return tuple(a for x in leaf
+                 for a in ((x.codes, x.exponents) if _blockwise.is_quantized(x) else (x,)))
+
+  def unflatten(self, arrays: Sequence[Any]) -> tuple[Any, ...]:
+    """:meth:`flatten` undone: the last three buffers of the leaf, regrouped."""
+    if not self.blockwise:
+      return tuple(arrays)
+    head = len(arrays) - 6
+    return (*arrays[:head], *(_blockwise.Quantized(arrays[i], arrays[i + 1])
+                              for i in range(head, len(arrays), 2)))
 
 
 # The scalar operands of a handler call: every coefficient, then seed and
@@ -182,11 +218,11 @@ def _dispatch(
     leaves: Sequence[tuple[jax.Array, ...]],
 ) -> list[tuple[jax.Array, ...]]:
   flat = _on_platform(
-      values, seed, step_count, [x for leaf in leaves for x in leaf],
+      values, seed, step_count, [x for leaf in leaves for x in call.flatten(leaf)],
       kernel=_kernel_function(call), xla=functools.partial(_xla_call, call),
   )
   n = call.arrays_per_leaf - 1
-  return [tuple(flat[i: i + n]) for i in range(0, len(flat), n)]
+  return [call.unflatten(flat[i: i + n]) for i in range(0, len(flat), n)]
 
 
 def _xla_call(
@@ -200,15 +236,15 @@ def _xla_call(
   step_scalars = (values["step_size"], values["weight_decay"]) if call.apply else None
   out: list[jax.Array] = []
   for i, leaf in enumerate(leaves):
-    g, *rest = leaf
+    g, *rest = call.unflatten(leaf)
     p, (m, v, v_max) = (rest[0], rest[1:]) if call.apply else (None, rest)
-    out.extend(leaf_step(
+    out.extend(call.flatten(leaf_step(
         c, d, step_scalars, g, p, m, v, v_max,
         _rounding.stream_keys(seed, count, jnp.uint32(call.leaf_indices[i])),
         None if indices is None else indices[i],
         stochastic=call.stochastic, split_complex=False, decay=call.apply and call.decay[i],
         with_update=False,
-    ))
+    )))
   return tuple(out)
 
 
@@ -227,14 +263,17 @@ def _call_kernel(call: _KernelCall, *operands: jax.Array) -> tuple[jax.Array, ..
   dtype = compute_dtypes(g.dtype)[1]
   packed = _ffi.pack(values, dtype)
   batch = packed.shape[:-1]
-  if _needs_keys(call.stochastic, g, m, v):
+  if call.stochastic if call.blockwise else _needs_keys(call.stochastic, g, m, v):
     # All leaves' keys at once: [..., leaves, 2]. Stacked from scalars: a
     # partitioned function may not capture an array constant.
     positions = jnp.stack([jnp.uint32(i) for i in call.leaf_indices])
     keys = _stream_keys(seed[..., None], count[..., None], positions)
   else:
     keys = jnp.zeros((*batch, len(leaves), 2), jnp.uint32)
-  if call.apply:
+  if call.blockwise:
+    results = _ffi.blockwise(packed, keys, leaves, stochastic=call.stochastic,
+                             decay=call.decay if call.apply else None)
+  elif call.apply:
     results = _ffi.step(packed, keys, leaves,
                                stochastic=call.stochastic, decay=call.decay)
   else:
@@ -288,9 +327,10 @@ def _with_rules(
 @functools.cache
 def _kernel_function(call: _KernelCall) -> Any:
   """The handler with its rules: sharding (each device updates its shards),
-  vmap and differentiation."""
+  vmap and differentiation. Blockwise calls have no sharding rule: they are
+  made on one device only (``kernel_signature``)."""
   return _with_rules(
-      _kernel_partitioned(call),
+      functools.partial(_call_kernel, call) if call.blockwise else _kernel_partitioned(call),
       functools.partial(_call_kernel, call),
       functools.partial(_xla_call, call),
   )

@@ -19,6 +19,11 @@
 // narrower than the compute dtype (and v_max to nearest, kept nonzero, at
 // least the stored v); `decay` (step only): add weight_decay * p to the
 // update. Results: [p,] m, v, v_max, written over the operands when aliased.
+//
+// `AmsgradBlockwiseMoments` and `AmsgradBlockwiseStep` do the same for 8-bit
+// blockwise state (optax_amsgrad/_blockwise.py; the codes in blockwise.h):
+// each of m, v, v_max is passed as its uint8 codes and int8 block exponents,
+// and a block of 256 elements is stepped and stored in one go.
 
 // Python.h first, as the Python C API asks.
 #define PY_SSIZE_T_CLEAN
@@ -40,6 +45,7 @@
 #include <utility>
 #include <vector>
 
+#include "blockwise.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -340,19 +346,19 @@ struct Progress {
 // starts late finds nothing left and returns: the caller never waits for a
 // task that has not started, and cannot deadlock on a busy pool.
 template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body, int64_t grain = kBlock) {
+  const int64_t blocks = (n + grain - 1) / grain;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), blocks) - 1;
   if (helpers <= 0) {
     body(0, n);
     return;
   }
   auto progress = std::make_shared<Progress>();
-  auto work = [progress, blocks, n, body]() {
+  auto work = [progress, blocks, n, body, grain]() {
     for (;;) {
       const int64_t block = progress->next.fetch_add(1);
       if (block >= blocks) return;
-      body(block * kBlock, std::min(n, (block + 1) * kBlock));
+      body(block * grain, std::min(n, (block + 1) * grain));
       if (progress->done.fetch_add(1) + 1 == blocks) {
         std::lock_guard<std::mutex> lock(progress->mutex);
         progress->finished.notify_all();
@@ -617,6 +623,302 @@ ffi::Error FlatStepHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
              stochastic, decay);
 }
 
+// ---------------------------------------------------------------------------
+// 8-bit blockwise state (optax_amsgrad/_blockwise.py): m, v and v_max each as
+// uint8 codes and one int8 scale exponent per block of 256 elements along the
+// last axis. A block is read, stepped and stored in one go: the new m and v
+// of its elements are kept in registers and a small buffer while their
+// block's fresh scales are found, then rounded to codes (and the params
+// moved) in a second loop over the same cache lines.
+
+using optax_amsgrad::Decode;
+using optax_amsgrad::Encode;
+using optax_amsgrad::kCodeBlock;
+using optax_amsgrad::kMaxExponent;
+using optax_amsgrad::kMinExponent;
+using optax_amsgrad::MuCode;
+using optax_amsgrad::Needed;
+using optax_amsgrad::NuCode;
+using optax_amsgrad::RescaledUp;
+using optax_amsgrad::Rounding;
+
+// The buffers of one leaf: codes and exponents of m, v and v_max (in that
+// order), and its shape's last axis, along which the blocks run.
+struct BlockwiseLeaf {
+  const float* g;
+  const float* p;
+  std::array<const uint8_t*, 3> codes;
+  std::array<const int8_t*, 3> exponents;
+  float* p_out;
+  std::array<uint8_t*, 3> codes_out;
+  std::array<int8_t*, 3> exponents_out;
+  int64_t row_length;
+  int64_t blocks_per_row;
+  int64_t batch_size;  // elements per batch row (vmap), each with its coefficients
+};
+
+// One block: `begin` its first element, `length` its elements, `block` its
+// exponents' index, `index` the first element's position in its batch row
+// (for the random bits).
+template <bool kStochastic, bool kApply, bool kDecay>
+AMSGRAD_INLINE void BlockImpl(const float* k, const uint32_t* keys, const BlockwiseLeaf& leaf,
+                              int64_t begin, int64_t length, int64_t block, uint32_t index) {
+  const float b1 = k[kB1], b2 = k[kB2];
+  const float one_minus_b1 = k[kOneMinusB1], one_minus_b2 = k[kOneMinusB2];
+  const float scale = k[kNuMaxScale];
+  const float eps = k[kEps], eps_root = k[kEpsRoot];
+  const float numerator = k[kNumerator], denominator = k[kDenominator];
+  const float step_size = k[kStepSize], weight_decay = k[kWeightDecay];
+  const uint32_t mu_key = keys[0], nu_key = keys[1];
+  const float limit = static_cast<float>(std::sqrt(static_cast<double>(std::numeric_limits<float>::max())) / 2);
+  constexpr Rounding kMode = kStochastic ? Rounding::kStochastic : Rounding::kNearest;
+
+  const uint8_t* __restrict m_codes = leaf.codes[0] + begin;
+  const uint8_t* __restrict v_codes = leaf.codes[1] + begin;
+  // Read element by element before it is written over (in place).
+  const uint8_t* x_codes = leaf.codes[2] + begin;
+  const int32_t m_scale = leaf.exponents[0][block], v_scale = leaf.exponents[1][block];
+  const int32_t x_scale = leaf.exponents[2][block];
+  const float* __restrict g = leaf.g + begin;
+
+  // The new moments and the scales they need (_math.moments, then
+  // _blockwise.fresh_exponents_of).
+  alignas(64) float new_m[kCodeBlock];
+  alignas(64) float new_v[kCodeBlock];
+  int32_t m_needed = kMinExponent, v_needed = kMinExponent;
+  for (int64_t i = 0; i < length; ++i) {
+    const float grad = Saturate(g[i], limit);
+    const float m = b1 * Decode<MuCode>(m_codes[i], m_scale) + one_minus_b1 * grad;
+    const float v = b2 * Decode<NuCode>(v_codes[i], v_scale) + one_minus_b2 * (grad * grad);
+    new_m[i] = m;
+    new_v[i] = v;
+    const int32_t mn = Needed<MuCode>(m), vn = Needed<NuCode>(v);
+    m_needed = m_needed > mn ? m_needed : mn;
+    v_needed = v_needed > vn ? v_needed : vn;
+  }
+  // nu_max's scale never decreases and holds v * scale (_blockwise.scaled_exponents).
+  const int32_t headroom = Needed<NuCode>(scale * NuCode::TopValue());
+  int32_t x_needed = v_needed + (headroom > 0 ? headroom : 0);
+  x_needed = x_needed < kMaxExponent ? x_needed : kMaxExponent;
+  const int32_t new_x_scale = x_scale > x_needed ? x_scale : x_needed;
+  const int32_t rescale = new_x_scale - x_scale;
+
+  uint8_t* __restrict m_out = leaf.codes_out[0] + begin;
+  uint8_t* __restrict v_out = leaf.codes_out[1] + begin;
+  uint8_t* x_out = leaf.codes_out[2] + begin;
+  const float* __restrict p = kApply ? leaf.p + begin : nullptr;
+  float* __restrict p_out = kApply ? leaf.p_out + begin : nullptr;
+#pragma GCC ivdep
+  for (int64_t i = 0; i < length; ++i) {
+    const uint32_t position = index + static_cast<uint32_t>(i);
+    const int32_t m = Encode<MuCode, kMode>(new_m[i], m_needed,
+                                            (position ^ mu_key) * kMuMultiplier);
+    const int32_t v = Encode<NuCode, kMode>(new_v[i], v_needed,
+                                            (position ^ nu_key) * kNuMultiplier);
+    // _blockwise.store_max: the rounded maximum is the larger of the new
+    // value rounded and the old code rounded up to the new scale.
+    const int32_t rounded = Encode<NuCode, Rounding::kNearestNonzero>(new_v[i] * scale,
+                                                                      new_x_scale, 0);
+    const int32_t kept = RescaledUp<NuCode>(x_codes[i], rescale);
+    const int32_t x = rounded > kept ? rounded : kept;
+    if (kApply) {
+      const float m_u = Decode<MuCode>(m, m_needed), x_u = Decode<NuCode>(x, new_x_scale);
+      float update = m_u * numerator / (std::sqrt(x_u * denominator + eps_root) + eps);
+      const float param = p[i];
+      if (kDecay) update = update + weight_decay * param;
+      p_out[i] = param + step_size * update;
+    }
+    m_out[i] = static_cast<uint8_t>(m);
+    v_out[i] = static_cast<uint8_t>(v);
+    x_out[i] = static_cast<uint8_t>(x);
+  }
+  leaf.exponents_out[0][block] = static_cast<int8_t>(m_needed);
+  leaf.exponents_out[1][block] = static_cast<int8_t>(v_needed);
+  leaf.exponents_out[2][block] = static_cast<int8_t>(new_x_scale);
+}
+
+// Blocks [first, last) of one leaf, all in one batch row.
+#define AMSGRAD_BLOCKS_TEMPLATE template <bool kStochastic, bool kApply, bool kDecay>
+#define AMSGRAD_BLOCKS_PARAMS \
+  const float *k, const uint32_t *keys, const BlockwiseLeaf &leaf, int64_t first, int64_t last
+#define AMSGRAD_BLOCKS_CALL(name) name<kStochastic, kApply, kDecay>(k, keys, leaf, first, last)
+
+AMSGRAD_BLOCKS_TEMPLATE
+AMSGRAD_INLINE void BlocksImpl(AMSGRAD_BLOCKS_PARAMS) {
+  for (int64_t block = first; block < last; ++block) {
+    const int64_t row = block / leaf.blocks_per_row;
+    const int64_t within = (block - row * leaf.blocks_per_row) * kCodeBlock;
+    const int64_t begin = row * leaf.row_length + within;
+    const int64_t length = std::min<int64_t>(kCodeBlock, leaf.row_length - within);
+    const uint32_t index = static_cast<uint32_t>(begin % leaf.batch_size);
+    BlockImpl<kStochastic, kApply, kDecay>(k, keys, leaf, begin, length, block, index);
+  }
+}
+
+AMSGRAD_BLOCKS_TEMPLATE
+void BlocksBaseline(AMSGRAD_BLOCKS_PARAMS) { AMSGRAD_BLOCKS_CALL(BlocksImpl); }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+AMSGRAD_BLOCKS_TEMPLATE
+__attribute__((target("avx2"))) void BlocksAvx2(AMSGRAD_BLOCKS_PARAMS) {
+  AMSGRAD_BLOCKS_CALL(BlocksImpl);
+}
+
+AMSGRAD_BLOCKS_TEMPLATE
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void BlocksAvx512(
+    AMSGRAD_BLOCKS_PARAMS) {
+  AMSGRAD_BLOCKS_CALL(BlocksImpl);
+}
+#endif
+
+AMSGRAD_BLOCKS_TEMPLATE
+void Blocks(AMSGRAD_BLOCKS_PARAMS) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  switch (BestIsa()) {
+    case Isa::kAvx512:
+      AMSGRAD_BLOCKS_CALL(BlocksAvx512);
+      return;
+    case Isa::kAvx2:
+      AMSGRAD_BLOCKS_CALL(BlocksAvx2);
+      return;
+    case Isa::kBaseline:
+      break;
+  }
+#endif
+  AMSGRAD_BLOCKS_CALL(BlocksBaseline);
+}
+
+// Blocks per task: as many elements as kBlock.
+constexpr int64_t kBlocksPerTask = kBlock / kCodeBlock;
+
+// The blockwise handlers: per leaf g, [p,] then codes and exponents of m, v,
+// v_max; results [p,] then the new codes and exponents. Blocks are cut
+// across leaves, as elements are in RunLeaves, and never across batch rows.
+ffi::Error RunBlockwise(const char* name, bool apply, ffi::ThreadPool& pool,
+                        const ffi::AnyBuffer& coefficients, const ffi::AnyBuffer& keys,
+                        const ffi::RemainingArgs& args, const ffi::RemainingRets& rets,
+                        bool stochastic, ffi::Span<const int64_t> decay) {
+  using DT = ffi::DataType;
+  auto fail = [name](const char* what) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": " + what);
+  };
+  const int64_t num_leaves = static_cast<int64_t>(decay.size());
+  const int64_t per_leaf_args = apply ? 8 : 7, per_leaf_rets = apply ? 7 : 6;
+  if (num_leaves == 0 || static_cast<int64_t>(args.size()) != per_leaf_args * num_leaves ||
+      static_cast<int64_t>(rets.size()) != per_leaf_rets * num_leaves) {
+    return fail("the buffers do not match the number of leaves");
+  }
+  const int64_t rows = coefficients.element_count() / kNumCoefficients;
+  if (coefficients.element_type() != DT::F32 || rows == 0 ||
+      rows * kNumCoefficients != coefficients.element_count() ||
+      keys.element_type() != DT::U32 || keys.element_count() != 2 * rows * num_leaves) {
+    return fail("inconsistent coefficients or keys");
+  }
+  std::vector<BlockwiseLeaf> leaves;
+  std::vector<int64_t> offsets{0};  // in blocks
+  for (int64_t i = 0; i < num_leaves; ++i) {
+    std::vector<ffi::AnyBuffer> in;
+    const int64_t first_arg = per_leaf_args * i, first_ret = per_leaf_rets * i;
+    for (int64_t j = 0; j < per_leaf_args; ++j) {
+      auto buffer = args.get<ffi::AnyBuffer>(first_arg + j);
+      if (!buffer) return fail("an operand is not a buffer");
+      in.push_back(*buffer);
+    }
+    std::array<void*, 7> out{};
+    for (int64_t j = 0; j < per_leaf_rets; ++j) {
+      auto buffer = rets.get<ffi::AnyBuffer>(first_ret + j);
+      if (!buffer) return fail("a result is not a buffer");
+      out[j] = (*buffer)->untyped_data();
+    }
+    const ffi::AnyBuffer& g = in[0];
+    const int64_t state = apply ? 2 : 1;  // the first state operand
+    const auto dims = g.dimensions();
+    const int64_t n = dims.size() == 0 ? 0 : dims[dims.size() - 1];
+    const int64_t size = static_cast<int64_t>(g.element_count());
+    if (g.element_type() != DT::F32 || n == 0 || size % rows != 0 ||
+        (size / rows) % n != 0 || (apply && (in[1].element_type() != DT::F32 ||
+                                             in[1].element_count() != g.element_count()))) {
+      return fail("g (and p) must be float32 arrays of one shape");
+    }
+    const int64_t blocks_per_row = (n + kCodeBlock - 1) / kCodeBlock;
+    const int64_t blocks = size / n * blocks_per_row;
+    BlockwiseLeaf leaf{};
+    leaf.g = static_cast<const float*>(g.untyped_data());
+    leaf.p = apply ? static_cast<const float*>(in[1].untyped_data()) : nullptr;
+    leaf.p_out = apply ? static_cast<float*>(out[0]) : nullptr;
+    for (int64_t b = 0; b < 3; ++b) {
+      const ffi::AnyBuffer& codes = in[state + 2 * b];
+      const ffi::AnyBuffer& exponents = in[state + 2 * b + 1];
+      if (codes.element_type() != DT::U8 || codes.element_count() != g.element_count() ||
+          exponents.element_type() != DT::S8 ||
+          static_cast<int64_t>(exponents.element_count()) != blocks) {
+        return fail("the codes and exponents do not match g");
+      }
+      leaf.codes[b] = static_cast<const uint8_t*>(codes.untyped_data());
+      leaf.exponents[b] = static_cast<const int8_t*>(exponents.untyped_data());
+      leaf.codes_out[b] = static_cast<uint8_t*>(out[state - 1 + 2 * b]);
+      leaf.exponents_out[b] = static_cast<int8_t*>(out[state + 2 * b]);
+    }
+    leaf.row_length = n;
+    leaf.blocks_per_row = blocks_per_row;
+    leaf.batch_size = size / rows;
+    leaves.push_back(leaf);
+    offsets.push_back(offsets.back() + blocks);
+  }
+  const float* k = reinterpret_cast<const float*>(coefficients.untyped_data());
+  const uint32_t* key = reinterpret_cast<const uint32_t*>(keys.untyped_data());
+  ParallelFor(
+      pool, offsets.back(),
+      [&](int64_t lo, int64_t hi) {
+        int64_t leaf = std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
+        while (lo < hi) {
+          const BlockwiseLeaf& buffers = leaves[leaf];
+          const int64_t leaf_begin = offsets[leaf];
+          const int64_t leaf_end = std::min(hi, offsets[leaf + 1]);
+          const int64_t per_batch_row = buffers.batch_size / buffers.row_length *
+                                        buffers.blocks_per_row;
+          while (lo < leaf_end) {
+            const int64_t local = lo - leaf_begin;
+            const int64_t row = local / per_batch_row;
+            const int64_t end = std::min(leaf_end - leaf_begin, (row + 1) * per_batch_row);
+            const float* row_k = k + row * kNumCoefficients;
+            const uint32_t* row_keys = key + 2 * (row * num_leaves + leaf);
+            const bool decays = apply && decay[leaf] != 0;
+#define AMSGRAD_BLOCKS(STOCHASTIC, APPLY, DECAY) \
+  Blocks<STOCHASTIC, APPLY, DECAY>(row_k, row_keys, buffers, local, end)
+            if (!apply) {
+              stochastic ? AMSGRAD_BLOCKS(true, false, false) : AMSGRAD_BLOCKS(false, false, false);
+            } else if (stochastic) {
+              decays ? AMSGRAD_BLOCKS(true, true, true) : AMSGRAD_BLOCKS(true, true, false);
+            } else {
+              decays ? AMSGRAD_BLOCKS(false, true, true) : AMSGRAD_BLOCKS(false, true, false);
+            }
+#undef AMSGRAD_BLOCKS
+            lo = leaf_begin + end;
+          }
+          ++leaf;
+        }
+      },
+      kBlocksPerTask);
+  return ffi::Error::Success();
+}
+
+ffi::Error BlockwiseMomentsHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
+                                   ffi::AnyBuffer keys, ffi::RemainingArgs args,
+                                   ffi::RemainingRets rets, bool stochastic,
+                                   ffi::Span<const int64_t> decay) {
+  return RunBlockwise("amsgrad_blockwise_moments", false, pool, coefficients, keys, args, rets,
+                      stochastic, decay);
+}
+
+ffi::Error BlockwiseStepHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
+                                ffi::AnyBuffer keys, ffi::RemainingArgs args,
+                                ffi::RemainingRets rets, bool stochastic,
+                                ffi::Span<const int64_t> decay) {
+  return RunBlockwise("amsgrad_blockwise_step", true, pool, coefficients, keys, args, rets,
+                      stochastic, decay);
+}
+
 // The binding all handlers share: coefficients, keys, then the buffers;
 // attribute `stochastic`, and `decay`, one entry per leaf (1 to add the
 // weight decay; unused by AmsgradMoments, whose entries only count leaves).
@@ -639,6 +941,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradMoments, MomentsHandler, Binding());
 // Buffers: per leaf g, p, m, v, v_max; results per leaf p, m, v, v_max.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradStep, StepHandler, Binding());
 
+// Buffers: per leaf g, then the codes and exponents of m, v, v_max (uint8,
+// int8); results per leaf the new codes and exponents.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradBlockwiseMoments, BlockwiseMomentsHandler, Binding());
+
+// Buffers: per leaf g, p, then the codes and exponents of m, v, v_max;
+// results per leaf p, then the new codes and exponents.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradBlockwiseStep, BlockwiseStepHandler, Binding());
+
 // Buffers: per leaf g, p, then the flat m, v, v_max holding every leaf in
 // order (keys: [..., m and v]); results per leaf p, then the flat m, v, v_max.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradFlatStep, FlatStepHandler, Binding());
@@ -654,6 +964,8 @@ PyObject* Handlers(PyObject*, PyObject*) {
       {"moments", reinterpret_cast<void*>(&AmsgradMoments)},
       {"step", reinterpret_cast<void*>(&AmsgradStep)},
       {"flat_step", reinterpret_cast<void*>(&AmsgradFlatStep)},
+      {"blockwise_moments", reinterpret_cast<void*>(&AmsgradBlockwiseMoments)},
+      {"blockwise_step", reinterpret_cast<void*>(&AmsgradBlockwiseStep)},
   };
   for (const auto& [name, handler] : entries) {
     PyObject* capsule = PyCapsule_New(handler, nullptr, nullptr);

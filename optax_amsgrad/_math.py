@@ -348,6 +348,12 @@ def update_from_stored(
   return u.astype(dtype)
 
 
+# Jitted for the update the CPU kernel's callers compute from the moments it
+# stored: a model's many 8-bit leaves of one shape are traced once, not each
+# op by op.
+leaf_update = jax.jit(update_from_stored, static_argnames=("dtype", "split_complex"))
+
+
 @functools.partial(jax.jit, static_argnames=("stochastic", "split_complex", "decay", "with_update"))
 def leaf_step(
     c: MomentCoefficients,

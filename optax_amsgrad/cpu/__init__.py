@@ -139,9 +139,7 @@ def step_leaves(
         # The update reads the stored moments, cast back up: with narrow
         # storage, each buffer's new value then has a single producer that
         # XLA writes in place.
-        u = _math.update_from_stored(
-            m, v_max, direction, leaves[i].g.dtype, split_complex=False
-        )
+        u = _math.leaf_update(m, v_max, direction, leaves[i].g.dtype, split_complex=False)
         results[i] = (u, m, v, v_max)
   return results  # type: ignore[return-value]
 

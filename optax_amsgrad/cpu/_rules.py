@@ -234,13 +234,17 @@ def _xla_call(
   values, seed, count, leaves = _split(call, operands)
   c, d = _arithmetic(values)
   step_scalars = (values["step_size"], values["weight_decay"]) if call.apply else None
+  # All leaves' keys hashed at once: per leaf, tracing the hash op by op
+  # costs seconds over a model's hundreds of leaves.
+  keys: list[_rounding.StreamKeys | None] = (
+      list(_rounding.tree_stream_keys(seed, count, call.leaf_indices, complex_parts=False))
+      if call.stochastic else [None] * len(leaves))
   out: list[jax.Array] = []
   for i, leaf in enumerate(leaves):
     g, *rest = call.unflatten(leaf)
     p, (m, v, v_max) = (rest[0], rest[1:]) if call.apply else (None, rest)
     out.extend(call.flatten(leaf_step(
-        c, d, step_scalars, g, p, m, v, v_max,
-        _rounding.stream_keys(seed, count, jnp.uint32(call.leaf_indices[i])),
+        c, d, step_scalars, g, p, m, v, v_max, keys[i],
         None if indices is None else indices[i],
         stochastic=call.stochastic, split_complex=False, decay=call.apply and call.decay[i],
         with_update=False,

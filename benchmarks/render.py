@@ -754,28 +754,71 @@ def compile_time_int8(root: Path) -> str:
   sizes = report["state_bytes"]
   reference = step["variants"]["optax.amsgrad"]
   ours = step["variants"]["ours_int8"]
-  first_ref = first["variants"]["optax.amsgrad"]["median"]
-  first_ours = first["variants"]["ours_int8/xla"]["median"]
   model = sizes["solvers"]["ours_int8"]
+
+  def first_calls(call: str) -> list[str]:
+    suffix = "" if call == "update" else ".apply_step"
+    ref = first["variants"][REFERENCE + suffix]["first_call_s"]
+    cells = [f"{ref:.1f} s"]
+    for path in ("xla", "kernel"):
+      variant = first["variants"].get(f"ours_int8{suffix}/{path}")
+      cells += ([f"{variant['first_call_s']:.1f} s", f"{variant['first_call_s'] / ref:.2f}x"]
+                if variant else ["", ""])
+    return [f"first call, {first['leaves']} leaves of {first['leaf_size']:,}, `{call}`",
+            *cells]
+
   rows = [
       ["step time, one leaf of " + short_count(step["params"]) + " params",
        f"{reference['median_ms']:.1f} ms", f"{ours['median_ms']:.1f} ms",
-       f"{ours['ratio_vs_optax.amsgrad']:.2f}x"],
-      [f"first call, {first['leaves']} leaves of {first['leaf_size']:,}",
-       f"{first_ref['first_call_s']:.1f} s", f"{first_ours['first_call_s']:.1f} s",
-       f"{first_ours['first_call_s'] / first_ref['first_call_s']:.2f}x"],
+       f"{ours['ratio_vs_optax.amsgrad']:.2f}x", "(below)", ""],
+      first_calls("update"),
+      *([first_calls("apply_step")] if "ours_int8.apply_step/xla" in first["variants"] else []),
       ["temporaries of the donated step, in float32 copies of the params",
-       f"{reference['temp_float32_params']:.2f}", f"{ours['temp_float32_params']:.2f}", ""],
+       f"{reference['temp_float32_params']:.2f}", f"{ours['temp_float32_params']:.2f}", "",
+       "", ""],
       [f"state bytes per param, a model of {short_count(sizes['params'])} params",
        f"{sizes['solvers']['optax.amsgrad']['bytes_per_param']:.2f}",
-       f"{model['bytes_per_param']:.2f}", ""],
+       f"{model['bytes_per_param']:.2f}", "", "", ""],
   ]
   return "\n".join([
-      *table(["", "optax.amsgrad", "int8 state (XLA path)", "ratio"], rows), "",
+      *table(["", "optax.amsgrad", "int8 state, XLA path", "ratio", "int8 state, CPU kernel",
+              "ratio"], rows), "",
       f"{len(model['float32_leaves'])} of the model's {sizes['leaves']} leaves keep "
-      "float32 state (under 4,096 elements or rows under 32).", "",
+      "float32 state (under 4,096 elements or rows under 32). The `apply_step` rows "
+      "compare with `optax.amsgrad`'s `update` and `apply_updates` in one jitted step, "
+      "the same call there.", "",
       provenance(report, "medians"),
   ])
+
+
+INT8_KERNEL_ROWS = (
+    ("float32.kernel", "float32 state, CPU kernel, `apply_step`"),
+    ("int8.kernel", "int8 state, CPU kernel, `apply_step`"),
+    ("int8.kernel.update", "int8 state, CPU kernel, `update` and `apply_updates`"),
+    ("int8.xla", "int8 state, XLA path, `apply_step`"),
+    ("optax.amsgrad", "`optax.amsgrad`, float32 state"),
+)
+
+
+def int8_kernel(root: Path) -> str:
+  """The CPU kernel's 8-bit step against its float32 step and Optax's."""
+  report = load(root, "int8_kernel")
+  results = report["variants"]
+  rows = [[label, f"{results[name]['median_ms']:.1f} ms",
+           f"{results[name]['ratio_to_float32.kernel']:.2f}x",
+           f"{results[name]['ratio_to_optax.amsgrad']:.2f}x",
+           f"{results[name]['state_bytes_per_param']:.2f}",
+           f"{results[name].get('temp_in_float32_copies', float('nan')):.2f}"]
+          for name, label in INT8_KERNEL_ROWS]
+  return "\n".join([
+      *table([f"one leaf of {short_count(report['meta']['params'])} params", "step",
+              "/ float32 kernel", "/ optax.amsgrad", "state bytes per param",
+              "temporaries (float32 copies)"], rows), "",
+      f"Streaming bandwidth in the same run (`a + s * b`): "
+      f"{results['floor']['bandwidth_gb_s']:.1f} GB/s.", "",
+      provenance(report, "medians of interleaved steps"),
+  ])
+
 
 PEER_VARIANTS = (
     ("float32_jitter", "float32 `AdamW`, params perturbed (control)"),
@@ -835,6 +878,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "state_precision_int8": state_precision_int8,
     "compile_time_int8": compile_time_int8,
     "int8_peers": int8_peers,
+    "int8_kernel": int8_kernel,
 }
 
 

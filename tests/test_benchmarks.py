@@ -122,6 +122,22 @@ def test_checkpoint_cost_runs_every_variant(tmp_path):
     assert entry["saves"] == (0 if name == "no_save" else report["config"]["rounds"]), name
 
 
+def test_int8_kernel_runs_every_variant(tmp_path):
+  report = run_benchmark(ROOT / "benchmarks" / "int8_kernel.py", tmp_path / "int8_kernel.json",
+                         "--quick", "--params", "20000", "--rounds", "2", timeout=300)
+  assert {"commit", "machine", "versions"} <= set(report["meta"])
+  variants = report["variants"]
+  assert set(variants) == {"floor", "float32.kernel", "int8.kernel", "int8.kernel.update",
+                           "int8.xla", "optax.amsgrad"}
+  assert [name for name, v in variants.items() if v.get("on_kernel")] == [
+      "float32.kernel", "int8.kernel", "int8.kernel.update"]
+  for name, entry in variants.items():
+    assert entry["median_ms"] > 0, name
+  # 8-bit state: codes, and a scale per 256 elements.
+  assert 3.0 < variants["int8.kernel"]["state_bytes_per_param"] < 3.1
+  assert variants["float32.kernel"]["state_bytes_per_param"] == 12
+
+
 COMPILE_TIME = ROOT / "benchmarks" / "compile_time.py"
 RENDER = ROOT / "benchmarks" / "render.py"
 

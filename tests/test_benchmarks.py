@@ -135,7 +135,8 @@ def test_int8_kernel_runs_every_variant(tmp_path):
     assert entry["median_ms"] > 0, name
   # 8-bit state: codes, and a scale per 256 elements.
   assert 3.0 < variants["int8.kernel"]["state_bytes_per_param"] < 3.1
-  assert variants["float32.kernel"]["state_bytes_per_param"] == 12
+  # (and the step count, 4 bytes in all)
+  assert variants["float32.kernel"]["state_bytes_per_param"] == pytest.approx(12, abs=1e-3)
 
 
 COMPILE_TIME = ROOT / "benchmarks" / "compile_time.py"

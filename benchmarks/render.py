@@ -758,12 +758,12 @@ def compile_time_int8(root: Path) -> str:
 
   def first_calls(call: str) -> list[str]:
     suffix = "" if call == "update" else ".apply_step"
-    ref = first["variants"][REFERENCE + suffix]["first_call_s"]
+    ref = first["variants"][REFERENCE + suffix]["median"]["first_call_s"]
     cells = [f"{ref:.1f} s"]
     for path in ("xla", "kernel"):
       variant = first["variants"].get(f"ours_int8{suffix}/{path}")
-      cells += ([f"{variant['first_call_s']:.1f} s", f"{variant['first_call_s'] / ref:.2f}x"]
-                if variant else ["", ""])
+      seconds = variant["median"]["first_call_s"] if variant else None
+      cells += [f"{seconds:.1f} s", f"{seconds / ref:.2f}x"] if seconds else ["", ""]
     return [f"first call, {first['leaves']} leaves of {first['leaf_size']:,}, `{call}`",
             *cells]
 

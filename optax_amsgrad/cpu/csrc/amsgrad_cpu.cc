@@ -245,32 +245,33 @@ AMSGRAD_INLINE void RowImpl(const C* k, const uint32_t* keys, const Leaf<G, M, V
   }
 }
 
-#define AMSGRAD_ROW_TEMPLATE                                                       \
-  template <typename G, typename M, typename V, typename C, bool kStochastic,      \
-            bool kApply, bool kDecay>
-#define AMSGRAD_ROW_PARAMS                                                         \
-  const C *k, const uint32_t *keys, const Leaf<G, M, V> &leaf, int64_t row_begin,  \
-      int64_t lo, int64_t hi
-#define AMSGRAD_ROW_CALL(name) \
-  name<G, M, V, C, kStochastic, kApply, kDecay>(k, keys, leaf, row_begin, lo, hi)
+// A loop as a type, for OnBestIsa: Loop::Run(args...) is inlined into each
+// copy compiled for an instruction set.
+template <typename G, typename M, typename V, typename C, bool kStochastic, bool kApply,
+          bool kDecay>
+struct RowLoop {
+  template <typename... Args>
+  AMSGRAD_INLINE static void Run(const Args&... args) {
+    RowImpl<G, M, V, C, kStochastic, kApply, kDecay>(args...);
+  }
+};
 
-AMSGRAD_ROW_TEMPLATE
-void RowBaseline(AMSGRAD_ROW_PARAMS) { AMSGRAD_ROW_CALL(RowImpl); }
+template <typename Loop, typename... Args>
+void RunBaseline(const Args&... args) { Loop::Run(args...); }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The package is built for baseline x86-64 (SSE2), where the loop is
-// compute-bound (the bfloat16 rounding most of all). Copies compiled for
-// AVX2 and for AVX-512 (whose masked blends and 32-to-16-bit truncation
-// halve the cost of the bfloat16 conversions) are chosen at run time.
-AMSGRAD_ROW_TEMPLATE
-__attribute__((target("avx2"))) void RowAvx2(AMSGRAD_ROW_PARAMS) {
-  AMSGRAD_ROW_CALL(RowImpl);
-}
+// The package is built for baseline x86-64 (SSE2), where the loops are
+// compute-bound (the bfloat16 rounding and the 8-bit codes most of all).
+// Copies compiled for AVX2 and for AVX-512 (whose masked blends and
+// 32-to-16-bit truncation halve the cost of the bfloat16 conversions) are
+// chosen at run time.
+template <typename Loop, typename... Args>
+__attribute__((target("avx2"))) void RunAvx2(const Args&... args) { Loop::Run(args...); }
 
-AMSGRAD_ROW_TEMPLATE
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void RowAvx512(
-    AMSGRAD_ROW_PARAMS) {
-  AMSGRAD_ROW_CALL(RowImpl);
+template <typename Loop, typename... Args>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void RunAvx512(
+    const Args&... args) {
+  Loop::Run(args...);
 }
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
@@ -288,21 +289,22 @@ Isa BestIsa() {
 }
 #endif
 
-AMSGRAD_ROW_TEMPLATE
-void Row(AMSGRAD_ROW_PARAMS) {
+// Loop::Run(args...) in the copy for the best instruction set here.
+template <typename Loop, typename... Args>
+void OnBestIsa(const Args&... args) {
 #if defined(__x86_64__) && defined(__GNUC__)
   switch (BestIsa()) {
     case Isa::kAvx512:
-      AMSGRAD_ROW_CALL(RowAvx512);
+      RunAvx512<Loop>(args...);
       return;
     case Isa::kAvx2:
-      AMSGRAD_ROW_CALL(RowAvx2);
+      RunAvx2<Loop>(args...);
       return;
     case Isa::kBaseline:
       break;
   }
 #endif
-  AMSGRAD_ROW_CALL(RowBaseline);
+  RunBaseline<Loop>(args...);
 }
 
 AMSGRAD_INLINE void CpuRelax() {
@@ -422,9 +424,39 @@ struct FlatLayout {
   std::vector<int64_t> starts;
 };
 
-// Runs all leaves of one call on the thread pool: blocks of elements are cut
-// across leaves (many small leaves share a block, a large one spans many),
-// and within a leaf at its rows (each row has its own coefficients and keys).
+// Cuts [0, offsets.back()) into tasks on the thread pool and each task at
+// the leaves and the batch rows it spans (leaf i holds units [offsets[i],
+// offsets[i + 1]), `rows` rows of equal size): piece(leaf, row, lo, hi) for
+// units [lo, hi) of one row of one leaf, counted from the leaf's start.
+template <typename Piece>
+void ForEachPiece(ffi::ThreadPool& pool, const std::vector<int64_t>& offsets, int64_t rows,
+                  int64_t grain, const Piece& piece) {
+  ParallelFor(
+      pool, offsets.back(),
+      [&](int64_t lo, int64_t hi) {
+        int64_t leaf =
+            std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
+        while (lo < hi) {
+          const int64_t leaf_begin = offsets[leaf];
+          const int64_t row_size = (offsets[leaf + 1] - leaf_begin) / rows;
+          const int64_t leaf_end = std::min(hi, offsets[leaf + 1]);
+          while (lo < leaf_end) {
+            const int64_t local = lo - leaf_begin;
+            const int64_t row = local / row_size;
+            const int64_t end = std::min(leaf_end - leaf_begin, (row + 1) * row_size);
+            piece(leaf, row, local, end);
+            lo = leaf_begin + end;
+          }
+          ++leaf;
+        }
+      },
+      grain);
+}
+
+// Runs all leaves of one call on the thread pool (ForEachPiece): blocks of
+// elements are cut across leaves (many small leaves share a block, a large
+// one spans many), and within a leaf at its rows (each row has its own
+// coefficients and keys).
 // `keys` holds [row][leaf][m, v], or [row][m, v] with a flat state.
 template <typename G, typename M, typename V, typename C, bool kApply>
 void RunLeaves(ffi::ThreadPool& pool, const C* k, const uint32_t* keys,
@@ -432,50 +464,38 @@ void RunLeaves(ffi::ThreadPool& pool, const C* k, const uint32_t* keys,
                int64_t rows, bool stochastic, ffi::Span<const int64_t> decay,
                const FlatLayout* flat) {
   const int64_t num_leaves = static_cast<int64_t>(leaves.size());
-  ParallelFor(pool, offsets.back(), [&](int64_t lo, int64_t hi) {
-    int64_t leaf = std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
-    while (lo < hi) {
-      const int64_t leaf_begin = offsets[leaf];
-      const int64_t row_size = (offsets[leaf + 1] - leaf_begin) / rows;
-      const int64_t leaf_end = std::min(hi, offsets[leaf + 1]);
-      while (lo < leaf_end) {
-        const int64_t local = lo - leaf_begin;
-        const int64_t row = local / row_size;
-        int64_t row_begin = row * row_size;
-        const int64_t end = std::min(leaf_end - leaf_begin, row_begin + row_size);
-        const C* row_k = k + row * kNumCoefficients;
-        Leaf<G, M, V> buffers = leaves[leaf];
-        const uint32_t* row_keys;
-        if (flat != nullptr) {
-          // State element of local index j in this row: row * row_length +
-          // start + (j - row_begin), never before the buffer's start.
-          const int64_t start = flat->starts[leaf];
-          const int64_t shift = row * flat->row_length + start - row_begin;
-          buffers.m += shift;
-          buffers.v += shift;
-          buffers.v_max += shift;
-          buffers.m_out += shift;
-          buffers.v_out += shift;
-          buffers.v_max_out += shift;
-          row_begin -= start;  // the random bits follow the flat position
-          row_keys = keys + 2 * row;
-        } else {
-          row_keys = keys + 2 * (row * num_leaves + leaf);
-        }
-        const bool decays = kApply && decay[leaf] != 0;
-#define AMSGRAD_ROW(STOCHASTIC, DECAY)                                            \
-  Row<G, M, V, C, STOCHASTIC, kApply, DECAY>(row_k, row_keys, buffers, row_begin, \
-                                             local, end)
-        if (stochastic) {
-          decays ? AMSGRAD_ROW(true, true) : AMSGRAD_ROW(true, false);
-        } else {
-          decays ? AMSGRAD_ROW(false, true) : AMSGRAD_ROW(false, false);
-        }
-#undef AMSGRAD_ROW
-        lo = leaf_begin + end;
-      }
-      ++leaf;
+  ForEachPiece(pool, offsets, rows, kBlock, [&](int64_t leaf, int64_t row, int64_t local,
+                                                 int64_t end) {
+    int64_t row_begin = row * ((offsets[leaf + 1] - offsets[leaf]) / rows);
+    const C* row_k = k + row * kNumCoefficients;
+    Leaf<G, M, V> buffers = leaves[leaf];
+    const uint32_t* row_keys;
+    if (flat != nullptr) {
+      // State element of local index j in this row: row * row_length +
+      // start + (j - row_begin), never before the buffer's start.
+      const int64_t start = flat->starts[leaf];
+      const int64_t shift = row * flat->row_length + start - row_begin;
+      buffers.m += shift;
+      buffers.v += shift;
+      buffers.v_max += shift;
+      buffers.m_out += shift;
+      buffers.v_out += shift;
+      buffers.v_max_out += shift;
+      row_begin -= start;  // the random bits follow the flat position
+      row_keys = keys + 2 * row;
+    } else {
+      row_keys = keys + 2 * (row * num_leaves + leaf);
     }
+    const bool decays = kApply && decay[leaf] != 0;
+#define AMSGRAD_ROW(STOCHASTIC, DECAY)                                                \
+  OnBestIsa<RowLoop<G, M, V, C, STOCHASTIC, kApply, DECAY>>(row_k, row_keys, buffers, \
+                                                            row_begin, local, end)
+    if (stochastic) {
+      decays ? AMSGRAD_ROW(true, true) : AMSGRAD_ROW(true, false);
+    } else {
+      decays ? AMSGRAD_ROW(false, true) : AMSGRAD_ROW(false, false);
+    }
+#undef AMSGRAD_ROW
   });
 }
 
@@ -738,55 +758,21 @@ AMSGRAD_INLINE void BlockImpl(const float* k, const uint32_t* keys, const Blockw
 }
 
 // Blocks [first, last) of one leaf, all in one batch row.
-#define AMSGRAD_BLOCKS_TEMPLATE template <bool kStochastic, bool kApply, bool kDecay>
-#define AMSGRAD_BLOCKS_PARAMS \
-  const float *k, const uint32_t *keys, const BlockwiseLeaf &leaf, int64_t first, int64_t last
-#define AMSGRAD_BLOCKS_CALL(name) name<kStochastic, kApply, kDecay>(k, keys, leaf, first, last)
-
-AMSGRAD_BLOCKS_TEMPLATE
-AMSGRAD_INLINE void BlocksImpl(AMSGRAD_BLOCKS_PARAMS) {
-  for (int64_t block = first; block < last; ++block) {
-    const int64_t row = block / leaf.blocks_per_row;
-    const int64_t within = (block - row * leaf.blocks_per_row) * kCodeBlock;
-    const int64_t begin = row * leaf.row_length + within;
-    const int64_t length = std::min<int64_t>(kCodeBlock, leaf.row_length - within);
-    const uint32_t index = static_cast<uint32_t>(begin % leaf.batch_size);
-    BlockImpl<kStochastic, kApply, kDecay>(k, keys, leaf, begin, length, block, index);
+template <bool kStochastic, bool kApply, bool kDecay>
+struct BlockLoop {
+  AMSGRAD_INLINE static void Run(const float* const& k, const uint32_t* const& keys,
+                                 const BlockwiseLeaf& leaf, const int64_t& first,
+                                 const int64_t& last) {
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t row = block / leaf.blocks_per_row;
+      const int64_t within = (block - row * leaf.blocks_per_row) * kCodeBlock;
+      const int64_t begin = row * leaf.row_length + within;
+      const int64_t length = std::min<int64_t>(kCodeBlock, leaf.row_length - within);
+      const uint32_t index = static_cast<uint32_t>(begin % leaf.batch_size);
+      BlockImpl<kStochastic, kApply, kDecay>(k, keys, leaf, begin, length, block, index);
+    }
   }
-}
-
-AMSGRAD_BLOCKS_TEMPLATE
-void BlocksBaseline(AMSGRAD_BLOCKS_PARAMS) { AMSGRAD_BLOCKS_CALL(BlocksImpl); }
-
-#if defined(__x86_64__) && defined(__GNUC__)
-AMSGRAD_BLOCKS_TEMPLATE
-__attribute__((target("avx2"))) void BlocksAvx2(AMSGRAD_BLOCKS_PARAMS) {
-  AMSGRAD_BLOCKS_CALL(BlocksImpl);
-}
-
-AMSGRAD_BLOCKS_TEMPLATE
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void BlocksAvx512(
-    AMSGRAD_BLOCKS_PARAMS) {
-  AMSGRAD_BLOCKS_CALL(BlocksImpl);
-}
-#endif
-
-AMSGRAD_BLOCKS_TEMPLATE
-void Blocks(AMSGRAD_BLOCKS_PARAMS) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  switch (BestIsa()) {
-    case Isa::kAvx512:
-      AMSGRAD_BLOCKS_CALL(BlocksAvx512);
-      return;
-    case Isa::kAvx2:
-      AMSGRAD_BLOCKS_CALL(BlocksAvx2);
-      return;
-    case Isa::kBaseline:
-      break;
-  }
-#endif
-  AMSGRAD_BLOCKS_CALL(BlocksBaseline);
-}
+};
 
 // Blocks per task: as many elements as kBlock.
 constexpr int64_t kBlocksPerTask = kBlock / kCodeBlock;
@@ -867,39 +853,23 @@ ffi::Error RunBlockwise(const char* name, bool apply, ffi::ThreadPool& pool,
   }
   const float* k = reinterpret_cast<const float*>(coefficients.untyped_data());
   const uint32_t* key = reinterpret_cast<const uint32_t*>(keys.untyped_data());
-  ParallelFor(
-      pool, offsets.back(),
-      [&](int64_t lo, int64_t hi) {
-        int64_t leaf = std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
-        while (lo < hi) {
-          const BlockwiseLeaf& buffers = leaves[leaf];
-          const int64_t leaf_begin = offsets[leaf];
-          const int64_t leaf_end = std::min(hi, offsets[leaf + 1]);
-          const int64_t per_batch_row = buffers.batch_size / buffers.row_length *
-                                        buffers.blocks_per_row;
-          while (lo < leaf_end) {
-            const int64_t local = lo - leaf_begin;
-            const int64_t row = local / per_batch_row;
-            const int64_t end = std::min(leaf_end - leaf_begin, (row + 1) * per_batch_row);
-            const float* row_k = k + row * kNumCoefficients;
-            const uint32_t* row_keys = key + 2 * (row * num_leaves + leaf);
-            const bool decays = apply && decay[leaf] != 0;
+  ForEachPiece(pool, offsets, rows, kBlocksPerTask, [&](int64_t leaf, int64_t row,
+                                                         int64_t local, int64_t end) {
+    const float* row_k = k + row * kNumCoefficients;
+    const uint32_t* row_keys = key + 2 * (row * num_leaves + leaf);
+    const BlockwiseLeaf& buffers = leaves[leaf];
+    const bool decays = apply && decay[leaf] != 0;
 #define AMSGRAD_BLOCKS(STOCHASTIC, APPLY, DECAY) \
-  Blocks<STOCHASTIC, APPLY, DECAY>(row_k, row_keys, buffers, local, end)
-            if (!apply) {
-              stochastic ? AMSGRAD_BLOCKS(true, false, false) : AMSGRAD_BLOCKS(false, false, false);
-            } else if (stochastic) {
-              decays ? AMSGRAD_BLOCKS(true, true, true) : AMSGRAD_BLOCKS(true, true, false);
-            } else {
-              decays ? AMSGRAD_BLOCKS(false, true, true) : AMSGRAD_BLOCKS(false, true, false);
-            }
+  OnBestIsa<BlockLoop<STOCHASTIC, APPLY, DECAY>>(row_k, row_keys, buffers, local, end)
+    if (!apply) {
+      stochastic ? AMSGRAD_BLOCKS(true, false, false) : AMSGRAD_BLOCKS(false, false, false);
+    } else if (stochastic) {
+      decays ? AMSGRAD_BLOCKS(true, true, true) : AMSGRAD_BLOCKS(true, true, false);
+    } else {
+      decays ? AMSGRAD_BLOCKS(false, true, true) : AMSGRAD_BLOCKS(false, true, false);
+    }
 #undef AMSGRAD_BLOCKS
-            lo = leaf_begin + end;
-          }
-          ++leaf;
-        }
-      },
-      kBlocksPerTask);
+  });
   return ffi::Error::Success();
 }
 

@@ -18,7 +18,8 @@ setup(
             # A Python module whose handlers() are registered as XLA FFI targets.
             "optax_amsgrad.cpu._amsgrad_cpu",
             sources=["optax_amsgrad/cpu/csrc/amsgrad_cpu.cc"],
-            depends=["optax_amsgrad/cpu/csrc/coefficients.def", "optax_amsgrad/cpu/csrc/blockwise.h"],
+            depends=["optax_amsgrad/cpu/csrc/coefficients.def",
+                     "optax_amsgrad/cpu/csrc/blockwise.h"],
             include_dirs=[_xla_ffi_include_dir()],
             language="c++",
             extra_compile_args=[

@@ -32,5 +32,7 @@ PY
 # The wheel carries the compiled CPU kernel; the sdist its source.
 (cd "$scratch" && "$scratch/venv/bin/python" -c "import optax_amsgrad; assert optax_amsgrad.cpu_kernel_available(); print('CPU kernel shipped')")
 sdist_files=$(tar -tzf dist/*.tar.gz)
-grep -q "optax_amsgrad/cpu/csrc/amsgrad_cpu.cc" <<<"$sdist_files"
+for source in amsgrad_cpu.cc blockwise.h coefficients.def; do
+  grep -q "optax_amsgrad/cpu/csrc/$source" <<<"$sdist_files"
+done
 echo "kernel source in the sdist"

@@ -422,3 +422,26 @@ print("ok")
                           timeout=120)
   assert result.returncode == 0, result.stdout + result.stderr
   assert result.stdout.strip().endswith("ok")
+
+
+def test_int8_handler_refuses_buffers_that_do_not_match():
+  # Called directly with one block exponent too few: the handler names the
+  # mismatch instead of reading past the buffer.
+  from optax_amsgrad.cpu import _ffi
+
+  assert _ffi.available()  # registers the handlers
+  g = jnp.ones((4, 300), jnp.float32)
+  codes = jnp.zeros((4, 300), jnp.uint8)
+  exponents = jnp.zeros((4, 2), jnp.int8)
+  coefficients = _ffi.pack({"b1": 0.9, "b2": 0.999, "one_minus_b1": 0.1,
+                            "one_minus_b2": 0.001, "nu_max_scale": 1.0}, jnp.float32)
+  keys = jnp.zeros((1, 2), jnp.uint32)
+
+  def call(exponents):
+    leaf = (g, codes, exponents, codes, exponents, codes, exponents)
+    return jax.jit(lambda: _ffi.blockwise(coefficients, keys, [leaf], stochastic=False))()
+
+  m_codes, m_exponents = call(exponents)[0][:2]
+  assert m_codes.shape == (4, 300) and m_exponents.shape == (4, 2)
+  with pytest.raises(Exception, match="the codes and exponents do not match g"):
+    jax.block_until_ready(call(jnp.zeros((4, 1), jnp.int8)))

@@ -1,5 +1,5 @@
 // The 8-bit blockwise codes of optax_amsgrad/_blockwise.py, element by
-// element: decoding, rounding (to nearest, up, stochastically) and the
+// element: decoding, rounding (to nearest, stochastically) and the
 // rescaling of nu_max's old codes, in the same integer and float32
 // operations, so that the handler stores the codes the XLA path stores.
 // Branch-free, so that the element loops vectorize.
@@ -8,10 +8,8 @@
 #define OPTAX_AMSGRAD_BLOCKWISE_H_
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 
 namespace optax_amsgrad {
 
@@ -25,10 +23,33 @@ constexpr int32_t kMaxExponent = 127;
 constexpr int32_t kExponentShift = 23;
 constexpr int32_t kOneBinade = 1 << kExponentShift;
 
-// Bit casts the vectorizer sees through (a memcpy in a selection stops it).
-BLOCKWISE_INLINE uint32_t Bits(float x) { return __builtin_bit_cast(uint32_t, x); }
+// Bit casts the vectorizer sees through (a memcpy in a selection stops it);
+// compilers without __builtin_bit_cast (GCC before 11) get the memcpy.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_bit_cast)
+#define BLOCKWISE_HAS_BIT_CAST 1
+#endif
+#endif
 
-BLOCKWISE_INLINE float FromBits(uint32_t bits) { return __builtin_bit_cast(float, bits); }
+BLOCKWISE_INLINE uint32_t Bits(float x) {
+#ifdef BLOCKWISE_HAS_BIT_CAST
+  return __builtin_bit_cast(uint32_t, x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+#endif
+}
+
+BLOCKWISE_INLINE float FromBits(uint32_t bits) {
+#ifdef BLOCKWISE_HAS_BIT_CAST
+  return __builtin_bit_cast(float, bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
 
 // An 8-bit float-like code (_blockwise.Code): kE exponent and kM mantissa
 // bits of magnitude, with a sign bit when kSigned.

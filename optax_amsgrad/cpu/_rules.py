@@ -253,9 +253,11 @@ def _xla_call(
 
 
 def _needs_keys(stochastic: bool, g: Any, m: Any, v: Any) -> bool:
+  """Whether storing ``m`` or ``v`` (arrays, or 8-bit blocks) rounds
+  stochastically."""
   _, v_dtype = compute_dtypes(g.dtype)
   return stochastic and (
-      _rounding.is_narrowing(v_dtype, m.dtype) or _rounding.is_narrowing(v_dtype, v.dtype)
+      _blockwise.is_narrowing(v_dtype, m) or _blockwise.is_narrowing(v_dtype, v)
   )
 
 
@@ -263,11 +265,11 @@ def _call_kernel(call: _KernelCall, *operands: jax.Array) -> tuple[jax.Array, ..
   """The handler on arrays with optional leading batch dimensions, shared by
   every scalar (one row per batch element)."""
   values, seed, count, leaves = _split(call, operands)
-  g, m, v = leaves[0][0], leaves[0][-3], leaves[0][-2]
+  g, *_, m, v, _ = call.unflatten(leaves[0])
   dtype = compute_dtypes(g.dtype)[1]
   packed = _ffi.pack(values, dtype)
   batch = packed.shape[:-1]
-  if call.stochastic if call.blockwise else _needs_keys(call.stochastic, g, m, v):
+  if _needs_keys(call.stochastic, g, m, v):
     # All leaves' keys at once: [..., leaves, 2]. Stacked from scalars: a
     # partitioned function may not capture an array constant.
     positions = jnp.stack([jnp.uint32(i) for i in call.leaf_indices])

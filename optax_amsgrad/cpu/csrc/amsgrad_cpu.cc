@@ -76,17 +76,8 @@ constexpr int64_t kBlock = 1 << 15;
 // vectorizing the stores).
 using BFloat16 = uint16_t;
 
-AMSGRAD_INLINE uint32_t FloatBits(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  return bits;
-}
-
-AMSGRAD_INLINE float BitsFloat(uint32_t bits) {
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-}
+using optax_amsgrad::Bits;
+using optax_amsgrad::FromBits;
 
 template <typename T, typename C>
 AMSGRAD_INLINE C Load(const T* data, int64_t i) {
@@ -95,7 +86,7 @@ AMSGRAD_INLINE C Load(const T* data, int64_t i) {
 
 template <>
 AMSGRAD_INLINE float Load<BFloat16, float>(const BFloat16* data, int64_t i) {
-  return BitsFloat(static_cast<uint32_t>(data[i]) << 16);
+  return FromBits(static_cast<uint32_t>(data[i]) << 16);
 }
 
 // The bfloat16 conversions below are branch-free integer arithmetic so that
@@ -106,7 +97,7 @@ AMSGRAD_INLINE uint32_t QuietNaNBits(uint32_t raw) { return raw | 0x00400000u; }
 
 // float32 to bfloat16 as XLA converts: round to nearest even.
 AMSGRAD_INLINE BFloat16 NearestBFloat16(float x) {
-  const uint32_t raw = FloatBits(x);
+  const uint32_t raw = Bits(x);
   const uint32_t rounded = raw + 0x7FFFu + ((raw >> 16) & 1u);
   const uint32_t bits = x != x ? QuietNaNBits(raw) : rounded;
   return static_cast<BFloat16>(bits >> 16);
@@ -124,7 +115,7 @@ AMSGRAD_INLINE BFloat16 NearestBFloat16(float x) {
 // XLA path does.
 template <bool kNearestEven, bool kKeepNonzero>
 AMSGRAD_INLINE BFloat16 RoundBoundedBFloat16(float x, uint32_t increment) {
-  const uint32_t raw = FloatBits(x);
+  const uint32_t raw = Bits(x);
   if (kNearestEven) increment = 0x7FFFu + ((raw >> 16) & 1u);
   uint32_t rounded = (raw + increment) & 0xFFFF0000u;
   if (kKeepNonzero) {

@@ -24,32 +24,29 @@ constexpr int32_t kExponentShift = 23;
 constexpr int32_t kOneBinade = 1 << kExponentShift;
 
 // Bit casts the vectorizer sees through (a memcpy in a selection stops it);
-// compilers without __builtin_bit_cast (GCC before 11) get the memcpy.
+// compilers without __builtin_bit_cast (GCC before 11) get the memcpy. The
+// float handlers use them too.
 #if defined(__has_builtin)
 #if __has_builtin(__builtin_bit_cast)
 #define BLOCKWISE_HAS_BIT_CAST 1
 #endif
 #endif
 
-BLOCKWISE_INLINE uint32_t Bits(float x) {
+template <typename To, typename From>
+BLOCKWISE_INLINE To BitCast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "a bit cast keeps the size");
 #ifdef BLOCKWISE_HAS_BIT_CAST
-  return __builtin_bit_cast(uint32_t, x);
+  return __builtin_bit_cast(To, x);
 #else
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  return bits;
+  To y;
+  std::memcpy(&y, &x, sizeof(y));
+  return y;
 #endif
 }
 
-BLOCKWISE_INLINE float FromBits(uint32_t bits) {
-#ifdef BLOCKWISE_HAS_BIT_CAST
-  return __builtin_bit_cast(float, bits);
-#else
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-#endif
-}
+BLOCKWISE_INLINE uint32_t Bits(float x) { return BitCast<uint32_t>(x); }
+
+BLOCKWISE_INLINE float FromBits(uint32_t bits) { return BitCast<float>(bits); }
 
 // An 8-bit float-like code (_blockwise.Code): kE exponent and kM mantissa
 // bits of magnitude, with a sign bit when kSigned.

@@ -362,18 +362,19 @@ def _step(
       )
       return stepped
 
-    operands = [(*leaves[i][:5], stream_keys(i) if narrowing else None) for i in indices]
     if len(indices) == 1:
-      return [step(*operands[0])]
-    stacked = jax.tree.map(lambda *x: jnp.stack(x), *operands)
-    together = jax.vmap(step)(*stacked)
+      return [step(*leaves[indices[0]][:5], stream_keys(indices[0]) if narrowing else None)]
+    stacked = jax.tree.map(_stack, *(leaves[i][:5] for i in indices))
+    # The group's keys as arrays, the same values as each leaf's own.
+    keys = (_rounding.stream_keys(seed, count, jnp.asarray(indices, jnp.uint32))
+            if narrowing else None)
+    together = jax.vmap(step)(*stacked, keys)
     # Each leaf cut out at a position known at run time only (the barrier
     # keeps XLA from folding the positions into constants): the cuts are one
     # compiled kernel, not one per leaf.
     positions = _rounding.run_time_scalars(lax.optimization_barrier(  # type: ignore[no-untyped-call]
-        jnp.arange(len(indices), dtype=jnp.int32)))
-    return [jax.tree.map(lambda x, j=j: lax.dynamic_index_in_dim(x, j, keepdims=False),
-                         together) for j in positions]
+        jnp.arange(len(indices), dtype=jnp.uint32)))
+    return [jax.tree.map(lambda x, j=j: _cut(x, j), together) for j in positions]
 
   on_kernel = options.implementation == "cpu"
   grouped = {i: result for indices in _small_8bit_groups(
@@ -395,6 +396,21 @@ def _step(
       treedef.unflatten([r[k] for r in results]) for k in range(4)
   )
   return new_updates, ScaleByAmsgradState(count=count, mu=new_mu, nu=new_nu, nu_max=new_nu_max)
+
+
+def _stack(*arrays: jax.Array) -> jax.Array:
+  """``jnp.stack(arrays)`` (of one shape, at least 1-D) in two operations, a
+  concatenation and a reshape, rather than a reshape per array: XLA's passes
+  take time in the number of operations."""
+  return lax.concatenate(arrays, 0).reshape(len(arrays), *arrays[0].shape)
+
+
+def _cut(x: jax.Array, j: jax.Array) -> jax.Array:
+  """``x[j]`` for a position ``j`` (uint32) known at run time only: unsigned,
+  so that no wrapping of negative positions is added to each cut."""
+  zero = jnp.zeros((), j.dtype)
+  return lax.dynamic_slice(x, (j, *[zero] * (x.ndim - 1)), (1, *x.shape[1:])).reshape(
+      x.shape[1:])
 
 
 GROUPED_LEAF_SIZE = 1 << 16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -416,6 +417,12 @@ def _cut(x: jax.Array, j: jax.Array) -> jax.Array:
 GROUPED_LEAF_SIZE = 1 << 16
 """8-bit leaves of at most this many elements, alike in shape, dtypes and
 options, are stepped as one stack on one device."""
+GROUP_ELEMENTS = 1 << 20
+"""The most elements in one stack: more alike leaves make several stacks.
+The step makes several passes over a stack and its temporaries, which
+stay in cache when the stack is small (500 leaves of 8,192 on a 2-core
+CPU: 78 ms a step in one stack, 42-47 ms in stacks of at most 128), and
+they are smaller (33 MB against 45 MB there)."""
 
 
 def _small_8bit_groups(leaves: list[cpu.Leaf | None]) -> list[list[int]]:
@@ -439,7 +446,11 @@ def _small_8bit_groups(leaves: list[cpu.Leaf | None]) -> list[list[int]]:
     alike = (leaf.g.shape, leaf.g.dtype, None if leaf.p is None else leaf.p.dtype, leaf.decay,
              *(jax.tree.map(lambda x: (x.shape, x.dtype), x) for x in stored))
     groups.setdefault(alike, []).append(i)
-  return [indices for indices in groups.values() if len(indices) > 1]
+  stacks = []
+  for (shape, *_), indices in groups.items():
+    per_stack = GROUP_ELEMENTS // math.prod(shape)
+    stacks += [indices[k:k + per_stack] for k in range(0, len(indices), per_stack)]
+  return [indices for indices in stacks if len(indices) > 1]
 
 
 def _apply_flat(

@@ -420,11 +420,19 @@ def test_jit_compiles_once_and_apply_step_matches_two_calls():
     np.testing.assert_allclose(np.asarray(p1[name]), np.asarray(p2[name]), rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("call", ["update", "apply_step"])
-def test_small_alike_leaves_stepped_as_one_stack_get_their_own_bits(monkeypatch, call):
+@pytest.mark.parametrize(("call", "stack_elements", "stacks"), [
+    ("update", None, [3]), ("apply_step", None, [3]),
+    # A stack holds at most GROUP_ELEMENTS: 3 leaves of 8,192 in stacks of 2
+    # (the third is stepped alone).
+    ("apply_step", 2 * 8192 + 1, [2]),
+])
+def test_small_alike_leaves_stepped_as_one_stack_get_their_own_bits(
+    monkeypatch, call, stack_elements, stacks):
   """Small 8-bit leaves of one shape are stepped as one stack (one compile
   for all of them); each gets the bits it gets stepped alone: its own random
   bits, its own NaN, its own scales."""
+  if stack_elements is not None:
+    monkeypatch.setattr(_transform, "GROUP_ELEMENTS", stack_elements)
   rng = np.random.default_rng(3)
   params = {f"w{i}": jnp.asarray(rng.normal(size=(16, 512)), jnp.float32) for i in range(3)}
   params["b"] = jnp.asarray(rng.normal(size=(16, 300)), jnp.float32)
@@ -455,7 +463,7 @@ def test_small_alike_leaves_stepped_as_one_stack_get_their_own_bits(monkeypatch,
     return jax.tree.leaves((out, state))
 
   stacked = run()
-  assert [len(group) for group in groups[-1]] == [3]
+  assert [len(group) for group in groups[-1]] == stacks
   monkeypatch.setattr(_transform, "GROUPED_LEAF_SIZE", 0)
   jax.clear_caches()
   alone = run()

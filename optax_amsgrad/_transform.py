@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -409,9 +410,8 @@ def _stack(*arrays: jax.Array) -> jax.Array:
 def _cut(x: jax.Array, j: jax.Array) -> jax.Array:
   """``x[j]`` for a position ``j`` (uint32) known at run time only: unsigned,
   so that no wrapping of negative positions is added to each cut."""
-  zero = jnp.zeros((), j.dtype)
-  return lax.dynamic_slice(x, (j, *[zero] * (x.ndim - 1)), (1, *x.shape[1:])).reshape(
-      x.shape[1:])
+  start = (j, *[np.uint32(0)] * (x.ndim - 1))
+  return lax.squeeze(lax.dynamic_slice(x, start, (1, *x.shape[1:])), (0,))
 
 
 GROUPED_LEAF_SIZE = 1 << 16

@@ -410,7 +410,7 @@ def _stack(*arrays: jax.Array) -> jax.Array:
 def _cut(x: jax.Array, j: jax.Array) -> jax.Array:
   """``x[j]`` for a position ``j`` (uint32) known at run time only: unsigned,
   so that no wrapping of negative positions is added to each cut."""
-  start = (j, *[np.uint32(0)] * (x.ndim - 1))
+  start: tuple[Any, ...] = (j, *[np.uint32(0)] * (x.ndim - 1))
   return lax.squeeze(lax.dynamic_slice(x, start, (1, *x.shape[1:])), (0,))
 
 

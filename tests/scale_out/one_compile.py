@@ -192,6 +192,50 @@ def shard_mapped_int8(mesh: jax.sharding.Mesh) -> dict[str, Any]:
   return report
 
 
+def shard_mapped_replicas(mesh: jax.sharding.Mesh) -> dict[str, int]:
+  """Data parallelism written with shard_map: params and state replicated on
+  every device, each device's gradients averaged with ``lax.pmean``. With
+  state stored in bfloat16 and in 8 bits, rounded stochastically, every
+  replica must stay the same: how many elements of the params and of the
+  state differ between replicas after three steps (0), and between the
+  first and the last step (nonzero: the steps moved them)."""
+  report: dict[str, int] = {}
+  kernel = jnp.linspace(-1.0, 1.0, 64 * 512, dtype=jnp.float32).reshape(64, 512)
+  params = {"kernel": jax.device_put(kernel, NamedSharding(mesh, P()))}
+  devices = mesh.shape["data"]
+  for name, options in (("bfloat16", {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}),
+                        ("int8", {"mu_dtype": "int8", "nu_dtype": "int8"})):
+    solver = optax_amsgrad.amsgrad(1e-2, state_rounding="stochastic", **options)
+
+    def step(params: Any, state: Any, grads: Any, solver: Any = solver) -> Any:
+      grads = jax.lax.pmean(jax.tree.map(lambda g: g[0], grads), "data")
+      updates, state = solver.update(grads, state, params)
+      params, state = optax.apply_updates(params, updates), state
+      # Each device's replica, stacked along the mesh axis.
+      return jax.tree.map(lambda y: y[None], (params, state))
+
+    mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data")),
+                                   out_specs=P("data")))
+    state = solver.init(params)
+    first = None
+    replicas = (params, state)
+    for i in range(3):
+      grads = jax.tree.map(lambda p, i=i: jnp.stack(
+          [jnp.sin(3 * p * (i + 1) + d) * jnp.exp(-4 * p * p) for d in range(devices)]), params)
+      stacked = mapped(*replicas, grads)
+      leaves = [np.asarray(x) for x in jax.tree.leaves(stacked)]
+      report[f"{name}/differ_between_replicas"] = report.get(
+          f"{name}/differ_between_replicas", 0) + sum(
+              int(np.sum(x != x[:1])) for x in leaves if x.ndim > 1)
+      replicas = jax.tree.map(lambda x: x[0], stacked)
+      if first is None:
+        first = leaves
+    report[f"{name}/moved"] = sum(int(np.sum(a[0] != b[0])) for a, b in zip(
+        first, leaves, strict=True) if a.ndim > 1)
+    report[f"{name}/eight_bit"] = eight_bit_leaves(replicas[1]) if name == "int8" else []
+  return report
+
+
 def exports(mesh: jax.sharding.Mesh) -> dict[str, str]:
   """A train step exported for each accelerator platform, float32 and
   bfloat16 state, sharded and inside shard_map: "ok" when it exports with no
@@ -285,6 +329,7 @@ def main() -> None:
   auto = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
   report = {"compiles": compiles, "placement": placement,
             "shard_map": {**shard_mapped(auto), **shard_mapped_int8(auto)},
+            "shard_map_replicas": shard_mapped_replicas(auto),
             "exports": exports(auto),
             "int8_eight_bit": eight_bit_leaves(OPTIMIZERS["int8_state"]().init(
                 sharded_params(auto, {"kernel": P("data"), "wide": P(None, "data"),

@@ -9,6 +9,7 @@ the two agree to one rounding per operation, not always bit for bit.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import optax
 import pytest
 
 import optax_amsgrad
+from optax_amsgrad import cpu
 
 from gradients import TREE_SHAPES, initial_params, spiky_gradients
 from reference import run_reference
@@ -344,8 +346,13 @@ def _codes_agree(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
-@pytest.mark.parametrize("shape", [(5000,), (40, 300), (3, 7, 256)])
-def test_int8_handler_matches_the_xla_path_step_by_step(convention, rounding, shape):
+@pytest.mark.parametrize(("shape", "update_size"), [
+    ((5000,), None), ((40, 300), None), ((3, 7, 256), None),
+    # A leaf above cpu.KERNEL_UPDATE_SIZE: XLA decodes its update.
+    ((40, 300), 11_999),
+])
+def test_int8_handler_matches_the_xla_path_step_by_step(monkeypatch, convention, rounding,
+                                                       shape, update_size):
   # From the same state, one step by each path, through update and through
   # apply_step (against update and apply_updates compiled apart, as the
   # handler rounds). The codes and scales are computed by the same integer
@@ -361,9 +368,14 @@ def test_int8_handler_matches_the_xla_path_step_by_step(convention, rounding, sh
   kernel_apply = jax.jit(lambda g, s, p: optax_amsgrad.apply_step(solvers["cpu"], g, s, p))
   xla_update = jax.jit(solvers["xla"].update)
   xla_apply = jax.jit(optax.apply_updates)
-  for compiled in (kernel_update, kernel_apply):
+  if update_size is not None:
+    monkeypatch.setattr(cpu, "KERNEL_UPDATE_SIZE", update_size)
+  targets = {kernel_update: "optax_amsgrad_blockwise_moments" if update_size is not None
+             else "optax_amsgrad_blockwise_update",
+             kernel_apply: "optax_amsgrad_blockwise_step"}
+  for compiled, target in targets.items():
     text = compiled.lower(params, solvers["cpu"].init(params), params).as_text()
-    assert text.count("optax_amsgrad_blockwise") == 1
+    assert re.findall(r"optax_amsgrad_blockwise_\w+", text) == [target]
   state = solvers["xla"].init(params)
   differing = compared = 0
   for step in range(7):
@@ -385,8 +397,9 @@ def test_int8_handler_matches_the_xla_path_step_by_step(convention, rounding, sh
       differing += int((~codes).sum())
       compared += codes.size
       same &= codes & in_same_blocks
-    # Where the stored moments are the same, so are the updates (both from
-    # the codes by XLA), and the params to a rounding of the step.
+    # Where the stored moments are the same, so are the updates (the
+    # handler writes them for leaves this small, from the codes, in the XLA
+    # path's operations), and the params to a rounding of the step.
     assert _identical(u_kernel, u_xla)[same].all(), step
     p_agree = _agree(p_kernel, p_xla, np.abs(_as64(params)) + 1e-3 * np.abs(_as64(u_xla)),
                      jnp.float32, jnp.float32)

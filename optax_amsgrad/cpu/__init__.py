@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_amsgrad import _math
+from optax_amsgrad import _blockwise, _math
 from optax_amsgrad.cpu import _rules
 from optax_amsgrad.cpu._ffi import SWITCH, available
 
@@ -35,6 +35,14 @@ __all__ = ["IMPLEMENTATIONS", "Implementation", "Leaf", "available", "choose", "
 # the operands of one call, and beyond a few dozen leaves one call per leaf
 # group saves nothing at run time (benchmarks/README.md).
 _LEAVES_PER_CALL = 32
+
+KERNEL_UPDATE_SIZE = 1 << 16
+"""With ``update``, 8-bit leaves of at most this many elements get their
+update from the handler, written over their gradient, and larger ones from
+XLA, which decodes the stored moments inside the consumer of the update
+(``optax.apply_updates``) and so keeps no float32 copy of it. A model of
+many small leaves then compiles no decoding per leaf: XLA's passes take
+time in the number of operations."""
 
 # The step's scalars by the params' dtype: (moment coefficients, direction).
 Scalars = Callable[[jnp.dtype], tuple[_math.MomentCoefficients, _math.Direction]]
@@ -112,11 +120,15 @@ def step_leaves(
     if signature is None:
       results[i] = xla_leaf(i)
       continue
-    chunks = together.setdefault(signature, [[]])
+    # Whether the handler writes this leaf's update (8-bit, small, no params).
+    writes_update = (step is None and _blockwise.is_quantized(leaf.m)
+                     and leaf.g.size <= KERNEL_UPDATE_SIZE)
+    chunks = together.setdefault((signature, writes_update), [[]])
     if len(chunks[-1]) == _LEAVES_PER_CALL:
       chunks.append([])
     chunks[-1].append(i)
-  for indices in (chunk for chunks in together.values() for chunk in chunks):
+  for (_, writes_update), indices in (
+      (key, chunk) for key, chunks in together.items() for chunk in chunks):
     coefficients, direction = scalars(leaves[indices[0]].g.dtype)
     rounding: dict[str, Any] = {"stochastic": stochastic, "seed": seed, "step_count": count,
                                 "leaf_indices": indices}
@@ -127,6 +139,13 @@ def step_leaves(
           [(leaves[i].g, cast(jax.Array, leaves[i].p), leaves[i].m, leaves[i].v,
             leaves[i].v_max) for i in indices],
           decay=[leaves[i].decay for i in indices], **rounding,
+      )
+      for i, stepped in zip(indices, group, strict=True):
+        results[i] = stepped
+    elif writes_update:
+      group = _rules.updated_together(
+          coefficients, direction, [(leaves[i].g, leaves[i].m, leaves[i].v, leaves[i].v_max)
+                                    for i in indices], **rounding,
       )
       for i, stepped in zip(indices, group, strict=True):
         results[i] = stepped

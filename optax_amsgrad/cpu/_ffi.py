@@ -26,6 +26,7 @@ _TARGETS = {
     "step": "optax_amsgrad_step",
     "flat_step": "optax_amsgrad_flat_step",
     "blockwise_moments": "optax_amsgrad_blockwise_moments",
+    "blockwise_update": "optax_amsgrad_blockwise_update",
     "blockwise_step": "optax_amsgrad_blockwise_step",
 }
 
@@ -248,15 +249,19 @@ def blockwise(
     *,
     stochastic: bool,
     decay: Sequence[bool] | None = None,
+    update: bool = False,
 ) -> list[tuple[jax.Array, ...]]:
-  """:func:`moments` (``decay`` None) or :func:`step` for leaves whose ``m``,
-  ``v`` and ``v_max`` are all 8-bit blockwise (``_blockwise.Quantized``),
-  each given as its codes and exponents: ``leaves`` holds ``(g, [p,] m_codes,
-  m_exponents, v_codes, v_exponents, v_max_codes, v_max_exponents)``, and the
-  results per leaf are the same less ``g``. The blocks, their scales and the
-  codes are those of ``_blockwise``."""
+  """:func:`moments` (``decay`` None), the same with the update (``update``)
+  or :func:`step` for leaves whose ``m``, ``v`` and ``v_max`` are all 8-bit
+  blockwise (``_blockwise.Quantized``), each given as its codes and
+  exponents: ``leaves`` holds ``(g, [p,] m_codes, m_exponents, v_codes,
+  v_exponents, v_max_codes, v_max_exponents)``, and the results per leaf are
+  the same less ``g`` (with ``update``, the update first, written over
+  ``g``). The blocks, their scales and the codes are those of
+  ``_blockwise``."""
   if decay is None:
-    return _per_leaf(_TARGETS["blockwise_moments"], coefficients, keys, leaves, 6,
+    target, written = ("blockwise_update", 7) if update else ("blockwise_moments", 6)
+    return _per_leaf(_TARGETS[target], coefficients, keys, leaves, written,
                      stochastic=stochastic, decay=[False] * len(leaves))
   return _per_leaf(_TARGETS["blockwise_step"], coefficients, keys, leaves, 7,
                    stochastic=stochastic, decay=decay)

@@ -93,6 +93,26 @@ def stored_together(
   return _dispatch(call, c._asdict(), seed, step_count, leaves)
 
 
+def updated_together(
+    c: MomentCoefficients,
+    d: Direction,
+    leaves: Sequence[tuple[jax.Array, Any, Any, Any]],
+    *,
+    stochastic: bool,
+    seed: jax.Array,
+    step_count: jax.Array,
+    leaf_indices: Sequence[int],
+) -> list[tuple[jax.Array, ...]]:
+  """:func:`stored_together` for 8-bit leaves, with the update from the
+  stored moments: ``(u, m, v, v_max)``, the update written over ``g`` where
+  XLA can."""
+  if not _blockwise.is_quantized(leaves[0][1]):
+    raise ValueError("only the 8-bit handler writes the update")
+  call = _KernelCall(stochastic, tuple(leaf_indices), False, (False,) * len(leaves),
+                     blockwise=True, update=True)
+  return _dispatch(call, {**c._asdict(), **d._asdict()}, seed, step_count, leaves)
+
+
 def stepped_together(
     c: MomentCoefficients,
     d: Direction,
@@ -125,10 +145,16 @@ class _KernelCall(NamedTuple):
   decay: tuple[bool, ...]
   # m, v and v_max are 8-bit blocks, each passed as its codes and exponents.
   blockwise: bool = False
+  # Without params, the update is a result too (8-bit blocks only).
+  update: bool = False
 
   @property
   def arrays_per_leaf(self) -> int:
     return (5 if self.apply else 4) + (3 if self.blockwise else 0)
+
+  @property
+  def results_per_leaf(self) -> int:
+    return self.arrays_per_leaf - (0 if self.update else 1)
 
   def subset(self, positions: Sequence[int]) -> _KernelCall:
     return self._replace(leaf_indices=tuple(self.leaf_indices[i] for i in positions),
@@ -221,7 +247,7 @@ def _dispatch(
       values, seed, step_count, [x for leaf in leaves for x in call.flatten(leaf)],
       kernel=_kernel_function(call), xla=functools.partial(_xla_call, call),
   )
-  n = call.arrays_per_leaf - 1
+  n = call.results_per_leaf
   return [call.unflatten(flat[i: i + n]) for i in range(0, len(flat), n)]
 
 
@@ -247,7 +273,7 @@ def _xla_call(
         c, d, step_scalars, g, p, m, v, v_max, keys[i],
         None if indices is None else indices[i],
         stochastic=call.stochastic, split_complex=False, decay=call.apply and call.decay[i],
-        with_update=False,
+        with_update=call.update,
     )))
   return tuple(out)
 
@@ -278,7 +304,7 @@ def _call_kernel(call: _KernelCall, *operands: jax.Array) -> tuple[jax.Array, ..
     keys = jnp.zeros((*batch, len(leaves), 2), jnp.uint32)
   if call.blockwise:
     results = _ffi.blockwise(packed, keys, leaves, stochastic=call.stochastic,
-                             decay=call.decay if call.apply else None)
+                             decay=call.decay if call.apply else None, update=call.update)
   elif call.apply:
     results = _ffi.step(packed, keys, leaves,
                                stochastic=call.stochastic, decay=call.decay)

@@ -668,10 +668,15 @@ struct BlockwiseLeaf {
   int64_t batch_size;  // elements per batch row (vmap), each with its coefficients
 };
 
+// What a blockwise call writes besides the state: nothing more, the update
+// (over g, which it reads first, block by block), or the params after the
+// step.
+enum class Writes { kState, kUpdate, kParams };
+
 // One block: `begin` its first element, `length` its elements, `block` its
 // exponents' index, `index` the first element's position in its batch row
 // (for the random bits).
-template <bool kStochastic, bool kApply, bool kDecay>
+template <bool kStochastic, Writes kWrites, bool kDecay>
 AMSGRAD_INLINE void BlockImpl(const float* k, const uint32_t* keys, const BlockwiseLeaf& leaf,
                               int64_t begin, int64_t length, int64_t block, uint32_t index) {
   const float b1 = k[kB1], b2 = k[kB2];
@@ -690,7 +695,9 @@ AMSGRAD_INLINE void BlockImpl(const float* k, const uint32_t* keys, const Blockw
   const uint8_t* x_codes = leaf.codes[2] + begin;
   const int32_t m_scale = leaf.exponents[0][block], v_scale = leaf.exponents[1][block];
   const int32_t x_scale = leaf.exponents[2][block];
-  const float* __restrict g = leaf.g + begin;
+  // Not restricted: the update may be written over g (after this block's
+  // first loop has read it).
+  const float* g = leaf.g + begin;
 
   // The new moments and the scales they need (_math.moments, then
   // _blockwise.fresh_exponents_of).
@@ -717,8 +724,9 @@ AMSGRAD_INLINE void BlockImpl(const float* k, const uint32_t* keys, const Blockw
   uint8_t* __restrict m_out = leaf.codes_out[0] + begin;
   uint8_t* __restrict v_out = leaf.codes_out[1] + begin;
   uint8_t* x_out = leaf.codes_out[2] + begin;
-  const float* __restrict p = kApply ? leaf.p + begin : nullptr;
-  float* __restrict p_out = kApply ? leaf.p_out + begin : nullptr;
+  constexpr bool kParams = kWrites == Writes::kParams;
+  const float* __restrict p = kParams ? leaf.p + begin : nullptr;
+  float* p_out = kWrites != Writes::kState ? leaf.p_out + begin : nullptr;
 #pragma GCC ivdep
   for (int64_t i = 0; i < length; ++i) {
     const uint32_t position = index + static_cast<uint32_t>(i);
@@ -732,12 +740,16 @@ AMSGRAD_INLINE void BlockImpl(const float* k, const uint32_t* keys, const Blockw
                                                                       new_x_scale, 0);
     const int32_t kept = RescaledUp<NuCode>(x_codes[i], rescale);
     const int32_t x = rounded > kept ? rounded : kept;
-    if (kApply) {
+    if (kWrites != Writes::kState) {
       const float m_u = Decode<MuCode>(m, m_needed), x_u = Decode<NuCode>(x, new_x_scale);
       float update = m_u * numerator / (std::sqrt(x_u * denominator + eps_root) + eps);
-      const float param = p[i];
-      if (kDecay) update = update + weight_decay * param;
-      p_out[i] = param + step_size * update;
+      if (kParams) {
+        const float param = p[i];
+        if (kDecay) update = update + weight_decay * param;
+        p_out[i] = param + step_size * update;
+      } else {
+        p_out[i] = update;
+      }
     }
     m_out[i] = static_cast<uint8_t>(m);
     v_out[i] = static_cast<uint8_t>(v);
@@ -749,7 +761,7 @@ AMSGRAD_INLINE void BlockImpl(const float* k, const uint32_t* keys, const Blockw
 }
 
 // Blocks [first, last) of one leaf, all in one batch row.
-template <bool kStochastic, bool kApply, bool kDecay>
+template <bool kStochastic, Writes kWrites, bool kDecay>
 struct BlockLoop {
   AMSGRAD_INLINE static void Run(const float* const& k, const uint32_t* const& keys,
                                  const BlockwiseLeaf& leaf, const int64_t& first,
@@ -760,7 +772,7 @@ struct BlockLoop {
       const int64_t begin = row * leaf.row_length + within;
       const int64_t length = std::min<int64_t>(kCodeBlock, leaf.row_length - within);
       const uint32_t index = static_cast<uint32_t>(begin % leaf.batch_size);
-      BlockImpl<kStochastic, kApply, kDecay>(k, keys, leaf, begin, length, block, index);
+      BlockImpl<kStochastic, kWrites, kDecay>(k, keys, leaf, begin, length, block, index);
     }
   }
 };
@@ -769,9 +781,10 @@ struct BlockLoop {
 constexpr int64_t kBlocksPerTask = kBlock / kCodeBlock;
 
 // The blockwise handlers: per leaf g, [p,] then codes and exponents of m, v,
-// v_max; results [p,] then the new codes and exponents. Blocks are cut
-// across leaves, as elements are in RunLeaves, and never across batch rows.
-ffi::Error RunBlockwise(const char* name, bool apply, ffi::ThreadPool& pool,
+// v_max; results [the update or p,] then the new codes and exponents. Blocks
+// are cut across leaves, as elements are in RunLeaves, and never across
+// batch rows.
+ffi::Error RunBlockwise(const char* name, Writes writes, ffi::ThreadPool& pool,
                         const ffi::AnyBuffer& coefficients, const ffi::AnyBuffer& keys,
                         const ffi::RemainingArgs& args, const ffi::RemainingRets& rets,
                         bool stochastic, ffi::Span<const int64_t> decay) {
@@ -780,7 +793,10 @@ ffi::Error RunBlockwise(const char* name, bool apply, ffi::ThreadPool& pool,
     return ffi::Error::InvalidArgument(std::string(name) + ": " + what);
   };
   const int64_t num_leaves = static_cast<int64_t>(decay.size());
-  const int64_t per_leaf_args = apply ? 8 : 7, per_leaf_rets = apply ? 7 : 6;
+  const bool apply = writes == Writes::kParams;
+  // The first result of a leaf that is state (after the update or p).
+  const int64_t first_state_ret = writes == Writes::kState ? 0 : 1;
+  const int64_t per_leaf_args = apply ? 8 : 7, per_leaf_rets = 6 + first_state_ret;
   if (num_leaves == 0 || static_cast<int64_t>(args.size()) != per_leaf_args * num_leaves ||
       static_cast<int64_t>(rets.size()) != per_leaf_rets * num_leaves) {
     return fail("the buffers do not match the number of leaves");
@@ -822,7 +838,7 @@ ffi::Error RunBlockwise(const char* name, bool apply, ffi::ThreadPool& pool,
     BlockwiseLeaf leaf{};
     leaf.g = static_cast<const float*>(g.untyped_data());
     leaf.p = apply ? static_cast<const float*>(in[1].untyped_data()) : nullptr;
-    leaf.p_out = apply ? static_cast<float*>(out[0]) : nullptr;
+    leaf.p_out = writes != Writes::kState ? static_cast<float*>(out[0]) : nullptr;
     for (int64_t b = 0; b < 3; ++b) {
       const ffi::AnyBuffer& codes = in[state + 2 * b];
       const ffi::AnyBuffer& exponents = in[state + 2 * b + 1];
@@ -833,8 +849,8 @@ ffi::Error RunBlockwise(const char* name, bool apply, ffi::ThreadPool& pool,
       }
       leaf.codes[b] = static_cast<const uint8_t*>(codes.untyped_data());
       leaf.exponents[b] = static_cast<const int8_t*>(exponents.untyped_data());
-      leaf.codes_out[b] = static_cast<uint8_t*>(out[state - 1 + 2 * b]);
-      leaf.exponents_out[b] = static_cast<int8_t*>(out[state + 2 * b]);
+      leaf.codes_out[b] = static_cast<uint8_t*>(out[first_state_ret + 2 * b]);
+      leaf.exponents_out[b] = static_cast<int8_t*>(out[first_state_ret + 2 * b + 1]);
     }
     leaf.row_length = n;
     leaf.blocks_per_row = blocks_per_row;
@@ -850,14 +866,16 @@ ffi::Error RunBlockwise(const char* name, bool apply, ffi::ThreadPool& pool,
     const uint32_t* row_keys = key + 2 * (row * num_leaves + leaf);
     const BlockwiseLeaf& buffers = leaves[leaf];
     const bool decays = apply && decay[leaf] != 0;
-#define AMSGRAD_BLOCKS(STOCHASTIC, APPLY, DECAY) \
-  OnBestIsa<BlockLoop<STOCHASTIC, APPLY, DECAY>>(row_k, row_keys, buffers, local, end)
-    if (!apply) {
-      stochastic ? AMSGRAD_BLOCKS(true, false, false) : AMSGRAD_BLOCKS(false, false, false);
+#define AMSGRAD_BLOCKS(STOCHASTIC, WRITES, DECAY) \
+  OnBestIsa<BlockLoop<STOCHASTIC, Writes::WRITES, DECAY>>(row_k, row_keys, buffers, local, end)
+    if (writes == Writes::kState) {
+      stochastic ? AMSGRAD_BLOCKS(true, kState, false) : AMSGRAD_BLOCKS(false, kState, false);
+    } else if (writes == Writes::kUpdate) {
+      stochastic ? AMSGRAD_BLOCKS(true, kUpdate, false) : AMSGRAD_BLOCKS(false, kUpdate, false);
     } else if (stochastic) {
-      decays ? AMSGRAD_BLOCKS(true, true, true) : AMSGRAD_BLOCKS(true, true, false);
+      decays ? AMSGRAD_BLOCKS(true, kParams, true) : AMSGRAD_BLOCKS(true, kParams, false);
     } else {
-      decays ? AMSGRAD_BLOCKS(false, true, true) : AMSGRAD_BLOCKS(false, true, false);
+      decays ? AMSGRAD_BLOCKS(false, kParams, true) : AMSGRAD_BLOCKS(false, kParams, false);
     }
 #undef AMSGRAD_BLOCKS
   });
@@ -868,16 +886,24 @@ ffi::Error BlockwiseMomentsHandler(ffi::ThreadPool pool, ffi::AnyBuffer coeffici
                                    ffi::AnyBuffer keys, ffi::RemainingArgs args,
                                    ffi::RemainingRets rets, bool stochastic,
                                    ffi::Span<const int64_t> decay) {
-  return RunBlockwise("amsgrad_blockwise_moments", false, pool, coefficients, keys, args, rets,
-                      stochastic, decay);
+  return RunBlockwise("amsgrad_blockwise_moments", Writes::kState, pool, coefficients, keys,
+                      args, rets, stochastic, decay);
+}
+
+ffi::Error BlockwiseUpdateHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
+                                  ffi::AnyBuffer keys, ffi::RemainingArgs args,
+                                  ffi::RemainingRets rets, bool stochastic,
+                                  ffi::Span<const int64_t> decay) {
+  return RunBlockwise("amsgrad_blockwise_update", Writes::kUpdate, pool, coefficients, keys,
+                      args, rets, stochastic, decay);
 }
 
 ffi::Error BlockwiseStepHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
                                 ffi::AnyBuffer keys, ffi::RemainingArgs args,
                                 ffi::RemainingRets rets, bool stochastic,
                                 ffi::Span<const int64_t> decay) {
-  return RunBlockwise("amsgrad_blockwise_step", true, pool, coefficients, keys, args, rets,
-                      stochastic, decay);
+  return RunBlockwise("amsgrad_blockwise_step", Writes::kParams, pool, coefficients, keys,
+                      args, rets, stochastic, decay);
 }
 
 // The binding all handlers share: coefficients, keys, then the buffers;
@@ -906,6 +932,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradStep, StepHandler, Binding());
 // int8); results per leaf the new codes and exponents.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradBlockwiseMoments, BlockwiseMomentsHandler, Binding());
 
+// Buffers: per leaf g, then the codes and exponents of m, v, v_max; results
+// per leaf the update (written over g where XLA aliases them), then the new
+// codes and exponents.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradBlockwiseUpdate, BlockwiseUpdateHandler, Binding());
+
 // Buffers: per leaf g, p, then the codes and exponents of m, v, v_max;
 // results per leaf p, then the new codes and exponents.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradBlockwiseStep, BlockwiseStepHandler, Binding());
@@ -926,6 +957,7 @@ PyObject* Handlers(PyObject*, PyObject*) {
       {"step", reinterpret_cast<void*>(&AmsgradStep)},
       {"flat_step", reinterpret_cast<void*>(&AmsgradFlatStep)},
       {"blockwise_moments", reinterpret_cast<void*>(&AmsgradBlockwiseMoments)},
+      {"blockwise_update", reinterpret_cast<void*>(&AmsgradBlockwiseUpdate)},
       {"blockwise_step", reinterpret_cast<void*>(&AmsgradBlockwiseStep)},
   };
   for (const auto& [name, handler] : entries) {

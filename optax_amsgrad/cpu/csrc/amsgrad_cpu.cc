@@ -882,28 +882,19 @@ ffi::Error RunBlockwise(const char* name, Writes writes, ffi::ThreadPool& pool,
   return ffi::Error::Success();
 }
 
-ffi::Error BlockwiseMomentsHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
-                                   ffi::AnyBuffer keys, ffi::RemainingArgs args,
-                                   ffi::RemainingRets rets, bool stochastic,
-                                   ffi::Span<const int64_t> decay) {
-  return RunBlockwise("amsgrad_blockwise_moments", Writes::kState, pool, coefficients, keys,
-                      args, rets, stochastic, decay);
+// The blockwise handlers, by what they write besides the state.
+constexpr const char* BlockwiseName(Writes writes) {
+  return writes == Writes::kState    ? "amsgrad_blockwise_moments"
+         : writes == Writes::kUpdate ? "amsgrad_blockwise_update"
+                                     : "amsgrad_blockwise_step";
 }
 
-ffi::Error BlockwiseUpdateHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
-                                  ffi::AnyBuffer keys, ffi::RemainingArgs args,
-                                  ffi::RemainingRets rets, bool stochastic,
-                                  ffi::Span<const int64_t> decay) {
-  return RunBlockwise("amsgrad_blockwise_update", Writes::kUpdate, pool, coefficients, keys,
-                      args, rets, stochastic, decay);
-}
-
-ffi::Error BlockwiseStepHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
-                                ffi::AnyBuffer keys, ffi::RemainingArgs args,
-                                ffi::RemainingRets rets, bool stochastic,
-                                ffi::Span<const int64_t> decay) {
-  return RunBlockwise("amsgrad_blockwise_step", Writes::kParams, pool, coefficients, keys,
-                      args, rets, stochastic, decay);
+template <Writes kWrites>
+ffi::Error BlockwiseHandler(ffi::ThreadPool pool, ffi::AnyBuffer coefficients,
+                            ffi::AnyBuffer keys, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                            bool stochastic, ffi::Span<const int64_t> decay) {
+  return RunBlockwise(BlockwiseName(kWrites), kWrites, pool, coefficients, keys, args, rets,
+                      stochastic, decay);
 }
 
 // The binding all handlers share: coefficients, keys, then the buffers;
@@ -930,16 +921,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradStep, StepHandler, Binding());
 
 // Buffers: per leaf g, then the codes and exponents of m, v, v_max (uint8,
 // int8); results per leaf the new codes and exponents.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradBlockwiseMoments, BlockwiseMomentsHandler, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradBlockwiseMoments, BlockwiseHandler<Writes::kState>,
+                              Binding());
 
 // Buffers: per leaf g, then the codes and exponents of m, v, v_max; results
 // per leaf the update (written over g where XLA aliases them), then the new
 // codes and exponents.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradBlockwiseUpdate, BlockwiseUpdateHandler, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradBlockwiseUpdate, BlockwiseHandler<Writes::kUpdate>,
+                              Binding());
 
 // Buffers: per leaf g, p, then the codes and exponents of m, v, v_max;
 // results per leaf p, then the new codes and exponents.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradBlockwiseStep, BlockwiseStepHandler, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmsgradBlockwiseStep, BlockwiseHandler<Writes::kParams>,
+                              Binding());
 
 // Buffers: per leaf g, p, then the flat m, v, v_max holding every leaf in
 // order (keys: [..., m and v]); results per leaf p, then the flat m, v, v_max.

@@ -8,7 +8,8 @@ float32 params, params and state donated, of
   ``apply_step`` on the CPU kernel (``implementation="cpu"``);
 * ``int8.kernel``: the same with ``mu_dtype`` and ``nu_dtype`` ``"int8"``;
 * ``int8.kernel.update``: that, through ``update`` and ``apply_updates``
-  (the kernel stores the codes; XLA decodes them into the update);
+  (the kernel stores the codes; XLA decodes them into the update, as for
+  every leaf above ``cpu.KERNEL_UPDATE_SIZE`` elements);
 * ``int8.xla``: 8-bit state on the XLA path (``implementation="xla"``, what
   GPUs and TPUs run), ``apply_step``;
 * ``optax.amsgrad``: ``update`` and ``apply_updates``;

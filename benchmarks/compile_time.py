@@ -43,7 +43,7 @@ Two measurements, side by side with ``optax.amsgrad``:
 figures::
 
   python benchmarks/compile_time.py --solvers optax.amsgrad,ours_int8 \
-      --leaf-size 8192 --calls update,apply_step --repeats 1 --rounds 3 --steps 2 \
+      --leaf-size 8192 --calls update,apply_step --repeats 3 --rounds 3 --steps 2 \
       --state-bytes --out benchmarks/results/compile_time_int8.json
 
 (leaves of 8,192 params: those of 2,000 are too small for 8-bit blocks).

@@ -132,6 +132,7 @@ def step_leaves(
     coefficients, direction = scalars(leaves[indices[0]].g.dtype)
     rounding: dict[str, Any] = {"stochastic": stochastic, "seed": seed, "step_count": count,
                                 "leaf_indices": indices}
+    moments = [(leaves[i].g, leaves[i].m, leaves[i].v, leaves[i].v_max) for i in indices]
     if step is not None:
       group = _rules.stepped_together(
           coefficients, direction, *step,
@@ -140,26 +141,17 @@ def step_leaves(
             leaves[i].v_max) for i in indices],
           decay=[leaves[i].decay for i in indices], **rounding,
       )
-      for i, stepped in zip(indices, group, strict=True):
-        results[i] = stepped
     elif writes_update:
-      group = _rules.updated_together(
-          coefficients, direction, [(leaves[i].g, leaves[i].m, leaves[i].v, leaves[i].v_max)
-                                    for i in indices], **rounding,
-      )
-      for i, stepped in zip(indices, group, strict=True):
-        results[i] = stepped
+      group = _rules.updated_together(coefficients, direction, moments, **rounding)
     else:
-      group = _rules.stored_together(
-          coefficients, [(leaves[i].g, leaves[i].m, leaves[i].v, leaves[i].v_max)
-                         for i in indices], **rounding,
-      )
-      for i, (m, v, v_max) in zip(indices, group, strict=True):
-        # The update reads the stored moments, cast back up: with narrow
-        # storage, each buffer's new value then has a single producer that
-        # XLA writes in place.
-        u = _math.leaf_update(m, v_max, direction, leaves[i].g.dtype, split_complex=False)
-        results[i] = (u, m, v, v_max)
+      stored = _rules.stored_together(coefficients, moments, **rounding)
+      # The update reads the stored moments, cast back up: with narrow
+      # storage, each buffer's new value then has a single producer that XLA
+      # writes in place.
+      group = [(_math.leaf_update(m, v_max, direction, leaves[i].g.dtype, split_complex=False),
+                m, v, v_max) for i, (m, v, v_max) in zip(indices, stored, strict=True)]
+    for i, stepped in zip(indices, group, strict=True):
+      results[i] = stepped
   return results  # type: ignore[return-value]
 
 

@@ -106,8 +106,6 @@ def updated_together(
   """:func:`stored_together` for 8-bit leaves, with the update from the
   stored moments: ``(u, m, v, v_max)``, the update written over ``g`` where
   XLA can."""
-  if not _blockwise.is_quantized(leaves[0][1]):
-    raise ValueError("only the 8-bit handler writes the update")
   call = _KernelCall(stochastic, tuple(leaf_indices), False, (False,) * len(leaves),
                      blockwise=True, update=True)
   return _dispatch(call, {**c._asdict(), **d._asdict()}, seed, step_count, leaves)

@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from jax import lax
 
 import optax_amsgrad
 from optax_amsgrad import _rounding
@@ -162,12 +163,19 @@ def test_ema_does_not_stall():
   # increment is below half of bfloat16's gap at 1. Stochastic rounding
   # tracks the float64 average (relative error ~ sqrt(gap * drift)).
   b2, target, steps = 0.999, 1.5, 3000
-  nu_nearest = jnp.ones(20000, jnp.bfloat16)
-  nu_stochastic = jnp.ones(20000, jnp.bfloat16)
-  for t in range(1, steps + 1):
-    step = lambda nu: b2 * nu.astype(jnp.float32) + (1 - b2) * target
-    nu_nearest = step(nu_nearest).astype(jnp.bfloat16)
-    nu_stochastic = _store(step(nu_stochastic), jnp.bfloat16, count=t)
+
+  def ema(nu):
+    return b2 * nu.astype(jnp.float32) + (1 - b2) * target
+
+  def step(t, nus):
+    nu_nearest, nu_stochastic = nus
+    # The step count as the optimizer has it: a traced value.
+    return (ema(nu_nearest).astype(jnp.bfloat16),
+            _store(ema(nu_stochastic), jnp.bfloat16, count=t))
+
+  ones = jnp.ones(20000, jnp.bfloat16)
+  nu_nearest, nu_stochastic = jax.jit(
+      lambda nus: lax.fori_loop(1, steps + 1, step, nus))((ones, ones))
   exact = target + (1 - target) * b2**steps
   np.testing.assert_array_equal(_as_float64(nu_nearest), 1.0)
   mean = _as_float64(nu_stochastic).mean()
@@ -243,14 +251,13 @@ def test_bits_do_not_cancel_between_inputs():
   # With a key built by XOR-ing multiples of the inputs, some (seed, count)
   # pairs would give the same bits as other pairs; folding the inputs in
   # through a mixer one by one keeps them apart.
-  seen = set()
-  for seed in range(8):
-    for count in range(1, 65):
-      for buffer in ("mu", "nu"):
-        for leaf in range(4):
-          key = int(_rounding.stream_key(seed, count, buffer, leaf))
-          seen.add(key)
-  assert len(seen) == 8 * 64 * 2 * 4
+  seed, count, leaf = np.meshgrid(np.arange(8), np.arange(1, 65), np.arange(4), indexing="ij")
+  keys = {buffer: np.asarray(_rounding.stream_key(seed, count, buffer,
+                                                  jnp.asarray(leaf, jnp.uint32)))
+          for buffer in ("mu", "nu")}
+  assert np.unique(np.concatenate([k.ravel() for k in keys.values()])).size == 8 * 64 * 2 * 4
+  # A leaf's position given as a Python int is the same stream.
+  assert int(_rounding.stream_key(3, 5, "nu", 2)) == keys["nu"][3, 4, 2]
 
 
 def test_high_bits_are_uniform_across_elements_and_steps():

@@ -218,10 +218,11 @@ def _hostile_stream(steps: int, shape: tuple[int, ...], seed: int = 0) -> np.nda
 def _run(solver, grads, params):
   state = solver.init(params)
   update = jax.jit(solver.update)
+  decode = jax.jit(optax_amsgrad.decode_state)
   states = []
   for g in grads:
     _, state = update({"w": jnp.asarray(g)}, state)
-    states.append(optax_amsgrad.decode_state(state))
+    states.append(decode(state))
   return states
 
 
@@ -229,8 +230,12 @@ def _nearest_under_fresh_scales(nu_max_before: np.ndarray, v: np.ndarray) -> np.
   """The running maximum as 8-bit Adam libraries keep their moments: rounded
   to nearest under each step's fresh block scales."""
   new = np.maximum(nu_max_before, v)
-  q, _ = _blockwise.quantize(jnp.asarray(new, jnp.float32), _blockwise.NU_CODE, mode="nearest")
-  return np.asarray(_blockwise.decode(q, _blockwise.NU_CODE))
+  return np.asarray(_stored_to_nearest(jnp.asarray(new, jnp.float32)))
+
+
+@jax.jit
+def _stored_to_nearest(x: jax.Array) -> jax.Array:
+  return _blockwise.quantize(x, _blockwise.NU_CODE, mode="nearest")[1]
 
 
 # The XLA path (what GPUs and TPUs run) and the CPU kernel (the default on CPU).

@@ -455,15 +455,16 @@ def test_small_alike_leaves_stepped_as_one_stack_get_their_own_bits(
                       lambda leaves: groups.append(recorded(leaves)) or groups[-1])
 
   def run():
+    update = jax.jit(solver.update)
+    apply = jax.jit(lambda g, s, p: optax_amsgrad.apply_step(solver, g, s, p))
     params_t, state = params, solver.init(params)
     out = []
     for g in grads:
       if call == "update":
-        u, state = jax.jit(solver.update)(g, state, params_t)
+        u, state = update(g, state, params_t)
         out.append(u)
       else:
-        params_t, state = jax.jit(
-            lambda g, s, p: optax_amsgrad.apply_step(solver, g, s, p))(g, state, params_t)
+        params_t, state = apply(g, state, params_t)
         out.append(params_t)
     return jax.tree.leaves((out, state))
 

@@ -43,7 +43,7 @@ EOF
 # themselves where these are missing. Four test processes share the GPU, so
 # none may take most of its memory up front, as JAX does by default.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-timeout 200 "$python" -m pytest -q -p no:cacheprovider -n 4 \
+timeout 180 "$python" -m pytest -q -p no:cacheprovider -n 4 \
   tests/test_transform.py tests/test_variants.py tests/test_rounding.py \
   "tests/test_optax_citizen.py::test_a_jitted_training_loop_compiles_once" \
   2>&1 | tee "$out/tests.log" || status=1
@@ -54,9 +54,9 @@ timeout 90 "$python" -m pytest -q -p no:cacheprovider -n 4 tests/test_int8_state
 # Benchmarks: one process per first-call variant, the step time interleaved;
 # JAX's own memory setting again.
 unset XLA_PYTHON_CLIENT_PREALLOCATE
-timeout 180 "$python" benchmarks/compile_time.py --repeats 1 \
+timeout 150 "$python" benchmarks/compile_time.py --repeats 1 \
   --out "$out/compile_time_gpu.json" || status=1
-timeout 100 "$python" benchmarks/compile_time.py --repeats 1 \
+timeout 150 "$python" benchmarks/compile_time.py --repeats 1 \
   --solvers optax.amsgrad,ours_int8 --leaf-size 8192 --calls update,apply_step \
   --state-bytes --out "$out/compile_time_int8_gpu.json" || status=1
 

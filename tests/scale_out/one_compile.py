@@ -210,26 +210,25 @@ def shard_mapped_replicas(mesh: jax.sharding.Mesh) -> dict[str, int]:
     def step(params: Any, state: Any, grads: Any, solver: Any = solver) -> Any:
       grads = jax.lax.pmean(jax.tree.map(lambda g: g[0], grads), "data")
       updates, state = solver.update(grads, state, params)
-      params, state = optax.apply_updates(params, updates), state
+      params = optax.apply_updates(params, updates)
       # Each device's replica, stacked along the mesh axis.
       return jax.tree.map(lambda y: y[None], (params, state))
 
     mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data")),
                                    out_specs=P("data")))
-    state = solver.init(params)
     first = None
-    replicas = (params, state)
+    differ = 0
+    replicas = (params, solver.init(params))
     for i in range(3):
       grads = jax.tree.map(lambda p, i=i: jnp.stack(
           [jnp.sin(3 * p * (i + 1) + d) * jnp.exp(-4 * p * p) for d in range(devices)]), params)
       stacked = mapped(*replicas, grads)
       leaves = [np.asarray(x) for x in jax.tree.leaves(stacked)]
-      report[f"{name}/differ_between_replicas"] = report.get(
-          f"{name}/differ_between_replicas", 0) + sum(
-              int(np.sum(x != x[:1])) for x in leaves if x.ndim > 1)
+      differ += sum(int(np.sum(x != x[:1])) for x in leaves if x.ndim > 1)
       replicas = jax.tree.map(lambda x: x[0], stacked)
       if first is None:
         first = leaves
+    report[f"{name}/differ_between_replicas"] = differ
     report[f"{name}/moved"] = sum(int(np.sum(a[0] != b[0])) for a, b in zip(
         first, leaves, strict=True) if a.ndim > 1)
     report[f"{name}/eight_bit"] = eight_bit_leaves(replicas[1]) if name == "int8" else []

@@ -660,7 +660,7 @@ struct BlockwiseLeaf {
   const float* p;
   std::array<const uint8_t*, 3> codes;
   std::array<const int8_t*, 3> exponents;
-  float* p_out;
+  float* written;  // the update or the params after the step; null for the state alone
   std::array<uint8_t*, 3> codes_out;
   std::array<int8_t*, 3> exponents_out;
   int64_t row_length;
@@ -726,7 +726,7 @@ AMSGRAD_INLINE void BlockImpl(const float* k, const uint32_t* keys, const Blockw
   uint8_t* x_out = leaf.codes_out[2] + begin;
   constexpr bool kParams = kWrites == Writes::kParams;
   const float* __restrict p = kParams ? leaf.p + begin : nullptr;
-  float* p_out = kWrites != Writes::kState ? leaf.p_out + begin : nullptr;
+  float* written = kWrites != Writes::kState ? leaf.written + begin : nullptr;
 #pragma GCC ivdep
   for (int64_t i = 0; i < length; ++i) {
     const uint32_t position = index + static_cast<uint32_t>(i);
@@ -746,9 +746,9 @@ AMSGRAD_INLINE void BlockImpl(const float* k, const uint32_t* keys, const Blockw
       if (kParams) {
         const float param = p[i];
         if (kDecay) update = update + weight_decay * param;
-        p_out[i] = param + step_size * update;
+        written[i] = param + step_size * update;
       } else {
-        p_out[i] = update;
+        written[i] = update;
       }
     }
     m_out[i] = static_cast<uint8_t>(m);
@@ -838,7 +838,7 @@ ffi::Error RunBlockwise(const char* name, Writes writes, ffi::ThreadPool& pool,
     BlockwiseLeaf leaf{};
     leaf.g = static_cast<const float*>(g.untyped_data());
     leaf.p = apply ? static_cast<const float*>(in[1].untyped_data()) : nullptr;
-    leaf.p_out = writes != Writes::kState ? static_cast<float*>(out[0]) : nullptr;
+    leaf.written = writes != Writes::kState ? static_cast<float*>(out[0]) : nullptr;
     for (int64_t b = 0; b < 3; ++b) {
       const ffi::AnyBuffer& codes = in[state + 2 * b];
       const ffi::AnyBuffer& exponents = in[state + 2 * b + 1];
